@@ -1,0 +1,313 @@
+"""The `lcm` command line: a thin layer that parses options and calls `lcm/` and `flows/`.
+
+Every user-caused problem arrives here as an `LcmError` and leaves as one line on stderr
+with exit status 1. Heavy imports (torch, prefect) happen inside the commands so that
+`lcm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lcm.errors import LcmError
+
+err = Console(stderr=True)
+out = Console()
+
+
+class App(typer.Typer):
+    """Typer app that reports the project's own errors as one line and exit status 1."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except LcmError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+
+
+app = App(help="Multi-label recognition with latent context (LCM).", no_args_is_help=True)
+data_app = App(help="Data stages: synth, prepare, shard, mask.", no_args_is_help=True)
+prepare_app = App(help="Raw annotations -> manifest.parquet + classes.json.", no_args_is_help=True)
+report_app = App(help="Reports: model size.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+data_app.add_typer(prepare_app, name="prepare")
+app.add_typer(report_app, name="report")
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar driven by a ``callback(done, total)``; silent when not a terminal."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+# --------------------------------------------------------------------------------------- data
+@data_app.command("synth")
+def data_synth(
+    out_dir: Annotated[Path, typer.Argument(help="Output root (COCO layout).")],
+    n_train: Annotated[int, typer.Option(min=1)] = 4000,
+    n_val: Annotated[int, typer.Option(min=1)] = 1000,
+    size: Annotated[int, typer.Option(min=32, help="Image side in pixels.")] = 96,
+    seed: int = 0,
+) -> None:
+    """Generate the synthetic benchmark in the COCO layout."""
+    from lcm.data.synthetic import generate_synthetic
+
+    with progress_bar("rendering") as update:
+        summary = generate_synthetic(
+            out_dir, n_train=n_train, n_val=n_val, size=size, seed=seed, progress=update
+        )
+    out.print(str(summary))
+
+
+@data_app.command("ceilings")
+def data_ceilings(
+    raw: Annotated[Path, typer.Argument(help="Root written by `lcm data synth`.")],
+) -> None:
+    """Context-only and appearance-only AP ceilings of the synthetic look-alike classes."""
+    from lcm.data.ceilings import format_ceilings_table, measure_ceilings
+
+    out.print(format_ceilings_table(measure_ceilings(raw)), highlight=False)
+
+
+@prepare_app.command("coco")
+def prepare_coco(
+    annotations: Annotated[Path, typer.Option(help="instances_*.json")],
+    images: Annotated[Path, typer.Option(help="Image root the file names are relative to.")],
+    out_dir: Annotated[Path, typer.Option("--out")],
+) -> None:
+    """COCO annotations -> manifest (class index = rank of the category id)."""
+    from lcm.data.coco import prepare_coco as run
+
+    out.print(run(annotations, images, out_dir).summary(), highlight=False)
+
+
+@prepare_app.command("voc")
+def prepare_voc(
+    root: Annotated[Path, typer.Option(help="VOCdevkit/VOC2007 (or VOC2012).")],
+    split: Annotated[str, typer.Option(help="ImageSets/Main/<split>.txt")] = "trainval",
+    out_dir: Annotated[Path, typer.Option("--out")] = Path("data/prepared/voc"),
+) -> None:
+    """VOC XML annotations -> manifest (difficult-only classes are unknown)."""
+    from lcm.data.voc import prepare_voc as run
+
+    out.print(run(root, split, out_dir).summary(), highlight=False)
+
+
+@data_app.command("shard")
+def data_shard(
+    prepared: Annotated[Path, typer.Option(help="Directory with manifest.parquet.")],
+    images: Annotated[Path, typer.Option(help="Image root.")],
+    out_dir: Annotated[Path, typer.Option("--out")],
+    max_side: Annotated[int, typer.Option(min=0, help="0 keeps the original size.")] = 128,
+    shard_size: Annotated[int, typer.Option(min=1)] = 1000,
+    workers: Annotated[int | None, typer.Option(min=1, help="Default: all cores.")] = None,
+) -> None:
+    """Prepared manifest + images -> WebDataset shards and _info.json."""
+    from lcm.data.shard_writer import write_shards
+
+    with progress_bar("sharding") as update:
+        info = write_shards(
+            prepared,
+            images,
+            out_dir,
+            max_side=max_side or None,
+            shard_size=shard_size,
+            workers=workers,
+            progress=update,
+        )
+    out.print(info.summary(), highlight=False)
+
+
+@data_app.command("mask")
+def data_mask(
+    prepared: Annotated[Path, typer.Option(help="Train split's prepared directory.")],
+    missing: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of targets hidden.")],
+    out_file: Annotated[Path, typer.Option("--out")],
+    seed: int = 0,
+) -> None:
+    """Hide a share of the training targets (partial-label protocol, SPEC section 4)."""
+    from lcm.data.masks import make_mask
+
+    out.print(make_mask(prepared, missing, seed, out_file).summary(), highlight=False)
+
+
+# ------------------------------------------------------------------------------------ reports
+@report_app.command("model")
+def report_model(
+    backbone: str = "resnet101",
+    num_classes: int = 80,
+    image_size: int = 448,
+    depth: int = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Parameters and GMACs of LCM, its head alone, and the `gap` baseline."""
+    from lcm.models.complexity import format_report, model_report
+
+    rep = model_report(
+        backbone=backbone, num_classes=num_classes, image_size=image_size, depth=depth
+    )
+    if as_json:
+        out.print_json(json.dumps(rep))
+    else:
+        out.print(format_report(rep), highlight=False)
+
+
+# ------------------------------------------------------------------------------ train / eval
+def _mask_for(params: Any, mask: Path | None) -> Path | None:
+    if mask is not None or params.train.missing is None:
+        return mask
+    name = f"missing-{params.train.missing}.parquet"
+    return Path("data/masks") / params.data.name / "train" / name
+
+
+@app.command("train")
+def train(
+    shards: Annotated[str, typer.Option(help="Train shard directory or glob.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Model directory.")],
+    val_shards: Annotated[str | None, typer.Option(help="Validation shards (per-epoch mAP).")] = None,
+    no_val: Annotated[bool, typer.Option("--no-val", help="Skip per-epoch validation.")] = False,
+    params_file: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a param: SECTION.KEY=VALUE.")
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option(help="Partial-label mask (default: from train.missing).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT's last checkpoint.")] = False,
+    nproc: Annotated[int, typer.Option(min=1, help="DDP processes (launches torchrun).")] = 1,
+    live_dir: Annotated[Path | None, typer.Option(help="dvclive directory.")] = Path("dvclive"),
+    no_live: Annotated[bool, typer.Option("--no-live", help="Do not log with dvclive.")] = False,
+    record_keys: Annotated[bool, typer.Option(hidden=True)] = False,
+) -> None:
+    """Train a model (LCM or a baseline, by params) on shards; checkpoints go to OUT."""
+    import os
+
+    from lcm.checkpoint import check_compatible
+    from lcm.config import load_params_with, to_dict
+    from lcm.data.masks import check_mask_matches
+    from lcm.data.shards import resolve_shards
+    from lcm.engine import select_device
+
+    # Every input is checked here, before a Prefect server or a process group starts.
+    params = load_params_with(params_file, overrides)
+    _, info = resolve_shards(shards)
+    val = None if no_val else val_shards
+    if val is not None:
+        resolve_shards(val)
+    mask = _mask_for(params, mask)
+    if mask is not None:
+        check_mask_matches(mask, info)
+    if resume:
+        check_compatible(out_dir, params.model, tuple(info.classes))
+    select_device(params.train.device)
+    live = None if no_live else live_dir
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank: train directly
+        _train_rank(params, shards, val, out_dir, mask, resume, live, record_keys)
+        return
+    from flows.train import train_flow
+
+    history = train_flow(
+        params=to_dict(params), train_shards=shards, val_shards=val, out_dir=str(out_dir),
+        mask=str(mask) if mask else None, resume=resume,
+        live_dir=str(live) if live else None, nproc=nproc,
+    )
+    if history:
+        last = history[-1]
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val"))
+        out.print(f"trained {out_dir}: {int(last['epoch'])} epochs; {shown}", highlight=False)
+
+
+def _train_rank(
+    params: Any, shards: str, val: str | None, out_dir: Path, mask: Path | None,
+    resume: bool, live: Path | None, record_keys: bool,
+) -> None:
+    import torch.distributed as tdist
+
+    from flows.train import run_fit
+    from lcm.engine import dist_from_env, select_device
+
+    dist = dist_from_env()
+    device = select_device(params.train.device)
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        run_fit(params, shards, val, out_dir, mask=mask, resume=resume, live_dir=live,
+                dist=dist, record_keys=record_keys)
+    finally:
+        tdist.destroy_process_group()
+
+
+@app.command("evaluate")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="Model directory from `lcm train`.")],
+    shards: Annotated[str, typer.Option(help="Shard directory or glob.")],
+    out_dir: Annotated[Path, typer.Option("--out")],
+    weights: Annotated[str, typer.Option(help="raw | ema (fixed up front).")] = "raw",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str = "auto",
+    calibrate: Annotated[
+        bool, typer.Option(help="Store per-class F1 thresholds in the model directory.")
+    ] = True,
+) -> None:
+    """Evaluate a model: metrics.json, per_class.csv, PR curves, calibrated thresholds."""
+    from flows.evaluate import evaluate_flow
+    from lcm.checkpoint import load_meta
+    from lcm.data.shards import resolve_shards
+    from lcm.engine import select_device
+
+    load_meta(checkpoint)
+    resolve_shards(shards)
+    select_device(device)
+    if weights not in ("raw", "ema"):
+        raise typer.BadParameter("expected raw or ema", param_hint="--weights")
+    metrics = evaluate_flow(
+        checkpoint=str(checkpoint), shards=shards, out_dir=str(out_dir), weights=weights,
+        batch_size=batch_size, num_workers=num_workers, device=device, calibrate=calibrate,
+    )
+    out.print(
+        f"{metrics['n_images']} images: mAP {metrics['mAP']:.4f}  CF1 {metrics['CF1']:.4f}  "
+        f"OF1 {metrics['OF1']:.4f}  -> {out_dir}",
+        highlight=False,
+    )
+
+
+@app.command("summary")
+def summary(
+    metrics_file: Annotated[Path, typer.Argument()] = Path("metrics/eval/metrics.json"),
+) -> None:
+    """Print the headline result of the demo pipeline."""
+    from lcm.errors import DataError
+
+    if not metrics_file.is_file():
+        raise DataError(f"{metrics_file}: not found; run `dvc repro` first")
+    m = json.loads(metrics_file.read_text())
+    out.print(f"val mAP {100 * m['mAP']:.2f} on {m['n_images']} images ({metrics_file})")
+
+
+if __name__ == "__main__":
+    app()

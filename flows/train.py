@@ -1,0 +1,153 @@
+"""Prefect flow: train one model (optionally with torchrun/DDP) and publish its metrics.
+
+The flow only orchestrates: inputs are checked before any training starts, the training task
+retries once on an unexpected failure and then resumes from its last checkpoint, and the run
+gets a metrics table and a markdown report as artifacts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import task_run
+
+from lcm.config import Params, params_from_dict, to_dict
+from lcm.engine import Dist, FitResult, fit
+from lcm.errors import LcmError
+
+CLI = Path(__file__).resolve().parent.parent / "cli.py"
+
+
+def run_fit(
+    params: Params,
+    train_shards: str,
+    val_shards: str | None,
+    out_dir: Path,
+    *,
+    mask: Path | None,
+    resume: bool,
+    live_dir: Path | None,
+    progress: Any = None,
+    dist: Dist | None = None,
+    record_keys: bool = False,
+) -> FitResult:
+    """``engine.fit`` with per-epoch metrics logged through dvclive (main rank only)."""
+    dist = dist or Dist()
+    if progress is None and dist.main and sys.stderr.isatty():
+        with _progress_bar() as bar:
+            return run_fit(params, train_shards, val_shards, out_dir, mask=mask, resume=resume,
+                           live_dir=live_dir, progress=bar, dist=dist, record_keys=record_keys)
+    if live_dir is None or not dist.main:
+        return fit(params, train_shards, val_shards, out_dir, mask=mask, resume=resume,
+                   progress=progress, dist=dist, record_keys=record_keys)
+    from dvclive import Live
+
+    with Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        def on_epoch(_epoch: int, row: dict[str, float]) -> None:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    live.log_metric(key, value)
+            live.next_step()
+
+        return fit(params, train_shards, val_shards, out_dir, mask=mask, resume=resume,
+                   on_epoch=on_epoch, progress=progress, dist=dist, record_keys=record_keys)
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task_id = bar.add_task("train", total=None)
+        yield lambda done, total: bar.update(task_id, completed=done, total=total)
+
+
+def _retry_unless_user_error(_task: Any, _run: Any, state: Any) -> bool:
+    """A bad input fails the same way twice: retry only unexpected failures."""
+    try:
+        state.result()
+    except LcmError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_unless_user_error)
+def train_model(
+    params: dict[str, Any],
+    train_shards: str,
+    val_shards: str | None,
+    out_dir: str,
+    mask: str | None,
+    resume: bool,
+    live_dir: str | None,
+    nproc: int,
+) -> list[dict[str, float]]:
+    logger = get_run_logger()
+    out = Path(out_dir)
+    if task_run.run_count > 1 and (out / "state.pt").exists():
+        logger.warning("retrying: resuming from the last checkpoint in %s", out)
+        resume = True
+    cfg = params_from_dict(params)
+    if nproc > 1:
+        return _launch_torchrun(cfg, train_shards, val_shards, out, mask, resume, live_dir, nproc)
+    result = run_fit(cfg, train_shards, val_shards, out, mask=Path(mask) if mask else None,
+                     resume=resume, live_dir=Path(live_dir) if live_dir else None)
+    return result.history
+
+
+def _launch_torchrun(
+    cfg: Params, train_shards: str, val_shards: str | None, out: Path, mask: str | None,
+    resume: bool, live_dir: str | None, nproc: int,
+) -> list[dict[str, float]]:
+    """Start ``nproc`` DDP ranks with torchrun, each running `lcm train` on its share."""
+    import json
+
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    params_file = out / "params.resolved.yaml"
+    params_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(CLI), "train", "--params", str(params_file),
+           "--shards", train_shards, "--out", str(out)]
+    cmd += ["--val-shards", val_shards] if val_shards else ["--no-val"]
+    cmd += ["--mask", mask] if mask else []
+    cmd += ["--live-dir", live_dir] if live_dir else ["--no-live"]
+    cmd += ["--resume"] if resume else []
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    subprocess.run(cmd, check=True, env=env)
+    history_file = out / "history.json"
+    return json.loads(history_file.read_text()) if history_file.exists() else []
+
+
+@flow(name="lcm-train", log_prints=False)
+def train_flow(
+    params: dict[str, Any],
+    train_shards: str,
+    val_shards: str | None,
+    out_dir: str,
+    mask: str | None = None,
+    resume: bool = False,
+    live_dir: str | None = "dvclive",
+    nproc: int = 1,
+) -> list[dict[str, float]]:
+    history = train_model(params, train_shards, val_shards, out_dir, mask, resume, live_dir, nproc)
+    if history:
+        create_table_artifact(key="train-history", table=history,
+                              description=f"per-epoch metrics of {out_dir}")
+        last = history[-1]
+        lines = [f"# Training run `{out_dir}`", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in last.items()]
+        create_markdown_artifact(key="train-report", markdown="\n".join(lines))
+    return history

@@ -1,0 +1,202 @@
+"""Model directories: weights for inference, and the state to resume training exactly.
+
+A model directory holds
+- ``model.json``: architecture, classes, image size, normalisation, the resolved params;
+- ``model.safetensors`` (raw weights) and ``ema.safetensors`` (EMA weights, when enabled):
+  safe to load from strangers;
+- ``state.pt``: optimizer, scheduler, EMA, AMP scaler, epoch/step and RNG states, loaded with
+  ``weights_only=True``;
+- ``thresholds.json``: per-class thresholds calibrated by ``lcm evaluate`` (optional).
+
+Every file is written to a temporary name and renamed, so a run killed while saving leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from lcm.config import ModelConfig, build_section
+from lcm.errors import CheckpointError
+
+MODEL_JSON = "model.json"
+RAW_WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
+STATE_FILE = "state.pt"
+THRESHOLDS_FILE = "thresholds.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What inference needs besides the weights (the contents of model.json)."""
+
+    model: ModelConfig
+    classes: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    extra: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        from lcm.config import to_dict
+
+        return {
+            "format": FORMAT_VERSION,
+            "model": to_dict(self.model),
+            "classes": list(self.classes),
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            **self.extra,
+        }
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # DDP / torch.compile wrap the module; safetensors wants contiguous, unshared tensors.
+    inner = getattr(module, "module", module)
+    inner = getattr(inner, "_orig_mod", inner)
+    return {k: v.detach().cpu().contiguous().clone() for k, v in inner.state_dict().items()}
+
+
+def save_model(
+    out_dir: Path, model: torch.nn.Module, meta: ModelMeta, ema: torch.nn.Module | None
+) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic(out_dir / RAW_WEIGHTS, lambda p: save_file(_plain_state(model), str(p)))
+    if ema is not None:
+        _atomic(out_dir / EMA_WEIGHTS, lambda p: save_file(_plain_state(ema), str(p)))
+    write_json_atomic(out_dir / MODEL_JSON, meta.to_json())
+
+
+def load_meta(model_dir: Path) -> ModelMeta:
+    path = Path(model_dir) / MODEL_JSON
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; is {model_dir} a model directory from `lcm train`?")
+    try:
+        raw = json.loads(path.read_text())
+        model = build_section(ModelConfig, raw["model"], f"{path}:model")
+        return ModelMeta(
+            model=model,
+            classes=tuple(raw["classes"]),
+            image_size=int(raw["image_size"]),
+            mean=tuple(raw["mean"]),
+            std=tuple(raw["std"]),
+            extra={k: v for k, v in raw.items() if k not in _META_KEYS},
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed model description ({e!r})") from e
+
+
+_META_KEYS = {"format", "model", "classes", "image_size", "mean", "std"}
+
+
+def load_weights(model: torch.nn.Module, model_dir: Path, which: str = "raw") -> None:
+    """Load raw or EMA weights into ``model`` (strict: every tensor must match)."""
+    name = {"raw": RAW_WEIGHTS, "ema": EMA_WEIGHTS}.get(which)
+    if name is None:
+        raise CheckpointError(f"unknown weights {which!r}; expected 'raw' or 'ema'")
+    path = Path(model_dir) / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (this run saved no {which} weights)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorsError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: weights do not fit the architecture in {MODEL_JSON} "
+            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+
+
+def check_compatible(model_dir: Path, model: ModelConfig, classes: tuple[str, ...]) -> None:
+    """Refuse to resume from a checkpoint of another architecture or class list."""
+    meta = load_meta(model_dir)
+    if meta.model != model:
+        diff = {
+            k: (getattr(meta.model, k), getattr(model, k))
+            for k in model.__dataclass_fields__
+            if getattr(meta.model, k) != getattr(model, k)
+        }
+        raise CheckpointError(
+            f"{model_dir}: cannot resume, the checkpoint has another architecture "
+            f"(checkpoint vs params: {diff})"
+        )
+    if meta.classes != classes:
+        raise CheckpointError(
+            f"{model_dir}: cannot resume, the checkpoint was trained on other classes "
+            f"({len(meta.classes)} classes, first {list(meta.classes[:3])}; "
+            f"the shards have {len(classes)}, first {list(classes[:3])})"
+        )
+
+
+# --------------------------------------------------------------------------- training state
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(
+            np.frombuffer(json.dumps(_np_state_jsonable()).encode(), dtype=np.uint8).copy()
+        ),
+        "python": torch.from_numpy(
+            np.frombuffer(json.dumps(_py_state_jsonable()).encode(), dtype=np.uint8).copy()
+        ),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _np_state_jsonable() -> list[Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _py_state_jsonable() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = json.loads(bytes(state["numpy"].numpy()).decode())
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = json.loads(bytes(state["python"].numpy()).decode())
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(out_dir: Path, state: dict[str, Any]) -> None:
+    _atomic(out_dir / STATE_FILE, lambda p: torch.save(state, p))
+
+
+def load_state(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; nothing to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises a zoo of types for corrupt or unsafe pickles
+        raise CheckpointError(f"{path}: cannot load training state ({e})") from e

@@ -1,0 +1,238 @@
+"""Frozen dataclasses mirroring ``params.yaml``, one per stage.
+
+``load_params`` rejects unknown keys and wrong types with one line naming the file and the key,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from lcm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the raw COCO-layout data lives (the synthetic benchmark by default)."""
+
+    name: str = "synth"  # names the folders under data/prepared, data/shards, data/masks
+    # A COCO-layout root: images/{train,val}/ and annotations/instances_{train,val}.json.
+    raw: str = "data/raw/synth"
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    n_train: int = 4000
+    n_val: int = 1000
+    size: int = 96
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    max_side: int = 128
+    shard_size: int = 1000
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    missing: tuple[float, ...] = (0.1, 0.5, 0.9)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. ``arch`` picks the head: ``lcm`` (SPEC section 2), ``gap`` or ``q2l``."""
+
+    arch: Literal["lcm", "gap", "q2l"] = "lcm"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    # False: random init; True: torchvision weights from the torch hub cache; or a file path.
+    pretrained: bool | str = False
+    dim: int = 1024  # D: token width
+    heads: int = 8
+    ffn: int = 2048
+    depth: int = 3  # label-correlation Transformer layers
+    prototypes: int | None = None  # K latent context prototypes; None -> number of classes
+    fusion: Literal["cat", "sum"] = "cat"
+    dropout: float = 0.1
+    mask_ratio: float = 0.1  # r: share of known labels hidden in the partial-label branch
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: Literal["bce", "asl"] = "bce"
+    alpha: float = 1.0  # auxiliary (class-aware) head weight
+    beta: float = 0.1  # partial-label branch weight; 0 skips the branch entirely
+    gamma_neg: float = 4.0
+    gamma_pos: float = 0.0
+    clip: float = 0.05
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 32
+    image_size: int = 96
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    grad_clip: float | None = 10.0
+    ema_decay: float | None = 0.999
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = 2
+    missing: float | None = None  # partial-label mask ratio to train with; None = full labels
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of epoch only)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 64
+    calibrate: bool = True
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``where``."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _check_value(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not have type {_type_name(tp)}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, _) = get_args(tp)
+        return tuple(_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r}")  # a bug in this module, not user input
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def build_section(cls: type, raw: Any, where: str) -> Any:
+    """Instantiate a config dataclass from a mapping, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in raw.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build_section(tp, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _check_value(value, tp, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; a missing file gives the defaults."""
+    return load_params_with(path)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict view of a config (tuples as lists), for JSON/YAML dumps beside outputs."""
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [fix(x) for x in v]
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        return v
+
+    return fix(dataclasses.asdict(cfg))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw params mapping."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        parts = dotted.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"{source} {item!r}: expected SECTION.KEY=VALUE, e.g. train.epochs=3")
+        section, key = parts
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source} {item!r}: value is not valid YAML ({e})") from e
+        current = raw.get(section) or {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"{source} {item!r}: section {section!r} is not a mapping")
+        raw[section] = {**current, key: value}
+    return raw
+
+
+def load_params_with(path: str | Path, overrides: list[str] | None = None) -> Params:
+    """``load_params`` plus command-line overrides, validated together."""
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+    raw = apply_overrides(raw, list(overrides or []))
+    return build_section(Params, raw, str(path))
+
+
+def params_from_dict(raw: dict[str, Any], where: str = "params") -> Params:
+    return build_section(Params, raw, where)

@@ -1,0 +1,1 @@
+"""Data stages: synthetic benchmark, COCO/VOC preparation, WebDataset shards, label masks."""

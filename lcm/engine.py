@@ -1,0 +1,368 @@
+"""Training and evaluation loops with exact resume.
+
+``fit`` trains one model from the train shard stream, evaluates the raw and the EMA weights
+separately after every epoch, and checkpoints so that a run killed at any point resumes to
+the same result: the data order is a function of (seed, epoch), every RNG state is saved with
+the optimizer, and mid-epoch checkpoints record how many batches of the epoch are done.
+Logging and progress reach the caller through callbacks (the library knows no Prefect/DVC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lcm import checkpoint as ckpt
+from lcm.config import Params, to_dict
+from lcm.data.shards import eval_loader, resolve_shards, train_loader
+from lcm.data.transforms import MEAN, STD
+from lcm.errors import ConfigError
+from lcm.metrics import evaluate_scores
+from lcm.models import build_model
+from lcm.models.losses import compute_loss
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+ProgressCallback = Callable[[int, int], None]
+
+
+# ------------------------------------------------------------------------------ devices, AMP
+def select_device(pref: str) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device is 'cuda' but no CUDA device is available here")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def amp_dtype(pref: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision only on CUDA: bf16 where supported (no scaler needed), else fp16."""
+    if device.type != "cuda" or pref == "off":
+        return None
+    if pref == "fp16" or (pref == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------- EMA
+class Ema:
+    """Exponential moving average of a model's weights (buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        # Warm-up: early averages would otherwise be dominated by the random init.
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        src = unwrap(model).state_dict()
+        for name, value in self.module.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.lerp_(src[name].detach(), 1.0 - d)
+            else:
+                value.copy_(src[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+# ----------------------------------------------------------------------------------- evaluate
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Scores (sigmoid) and targets for every sample of an eval loader, in stream order."""
+    model.eval()
+    keys: list[str] = []
+    scores: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    total = len(loader)
+    for i, batch in enumerate(loader):
+        images = batch.images.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(images).logits
+        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+        targets.append(batch.targets.numpy())
+        keys.extend(batch.keys)
+        if progress:
+            progress(i + 1, total)
+    if not keys:
+        return keys, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return keys, np.concatenate(scores), np.concatenate(targets)
+
+
+# ---------------------------------------------------------------------------------------- fit
+@dataclass
+class FitResult:
+    out_dir: Path
+    epochs: int
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_from_env() -> Dist:
+    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def build_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
+    cfg = params.train
+    # No weight decay on biases, norms and embeddings (standard practice for Transformers).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or "embed" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_scheduler(
+    opt: torch.optim.Optimizer, params: Params, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    cfg = params.train
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.2
+        )
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def fit(
+    params: Params,
+    train_shards: str | Path,
+    val_shards: str | Path | None,
+    out_dir: Path,
+    *,
+    mask: Path | None = None,
+    resume: bool = False,
+    on_epoch: EpochCallback | None = None,
+    progress: ProgressCallback | None = None,
+    dist: Dist | None = None,
+    record_keys: bool = False,
+) -> FitResult:
+    """Train ``params.model`` on the shards; checkpoint into ``out_dir``; return the history."""
+    cfg = params.train
+    dist = dist or Dist()
+    device = select_device(cfg.device)
+    dtype = amp_dtype(cfg.amp, device)
+    out_dir = Path(out_dir)
+
+    shard_paths, info = resolve_shards(train_shards)
+    classes = tuple(info.classes)
+    val_paths = None
+    if val_shards is not None:
+        val_paths, val_info = resolve_shards(val_shards)
+        if tuple(val_info.classes) != classes:
+            raise ConfigError(f"{val_shards}: the validation shards have other classes than {train_shards}")
+    if resume:
+        ckpt.check_compatible(out_dir, params.model, classes)
+
+    def make_train(epoch: int, skip: int) -> Any:
+        return train_loader(
+            shard_paths, batch_size=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
+            epoch=epoch, num_workers=cfg.num_workers, rank=dist.rank,
+            world_size=dist.world_size, mask=mask, skip_batches=skip,
+        )
+
+    steps_per_epoch = len(make_train(0, 0))
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"{train_shards}: {info.total} samples give no full batch of {cfg.batch_size} "
+            f"per rank ({dist.world_size} ranks); lower train.batch_size"
+        )
+    total_steps = steps_per_epoch * cfg.epochs
+
+    seed_everything(cfg.seed)
+    model = build_model(params.model, len(classes), branch=params.loss.beta > 0).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ema = Ema(model, cfg.ema_decay) if cfg.ema_decay else None
+    opt = build_optimizer(model, params)
+    sched = build_scheduler(opt, params, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    start_epoch, start_batch, step, history = 0, 0, 0, []
+    running, n_loss = 0.0, 0  # this epoch's loss sum, carried through mid-epoch resumes
+    if resume:
+        state = ckpt.load_state(out_dir)
+        unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        running, n_loss = float(state["loss_sum"]), int(state["loss_count"])
+        history = [dict(zip(state["history_keys"], row, strict=True)) for row in state["history"]]
+        ckpt.set_rng_state(state["rng"])
+        log.info("resuming at epoch %d, batch %d (step %d)", start_epoch, start_batch, step)
+
+    net: nn.Module = model
+    if dist.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=params.loss.beta == 0 and params.model.arch == "lcm"
+        )
+    if cfg.compile:
+        net = torch.compile(net)
+
+    meta = ckpt.ModelMeta(
+        model=params.model, classes=classes, image_size=cfg.image_size, mean=MEAN, std=STD,
+        extra={"params": to_dict(params), "weights": "raw"},
+    )
+
+    def save(epoch: int, batch: int, loss_sum: float = 0.0, loss_count: int = 0) -> None:
+        if not dist.main:
+            return
+        ckpt.save_model(out_dir, model, meta, ema.module if ema else None)
+        keys = sorted({k for row in history for k in row})
+        ckpt.save_state(out_dir, {
+            "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema else None, "epoch": epoch, "batch": batch,
+            "step": step, "rng": ckpt.rng_state(), "history_keys": keys,
+            "loss_sum": loss_sum, "loss_count": loss_count,
+            "history": [[float(row.get(k, math.nan)) for k in keys] for row in history],
+        })
+
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        loader = make_train(epoch, start_batch)
+        seen: list[str] = []
+        for i, batch in enumerate(loader, start=start_batch):
+            images = batch.images.to(device, non_blocking=True)
+            targets = batch.targets.to(device, non_blocking=True)
+            if cfg.channels_last and device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, dtype):
+                out = net(images, targets)
+            loss, _parts = compute_loss(out, targets, params.loss)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            running += float(loss.detach())
+            n_loss += 1
+            if record_keys:
+                seen.extend(batch.keys)
+            if progress and dist.main:
+                progress(step, total_steps)
+            done_in_epoch = i + 1
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and done_in_epoch < steps_per_epoch:
+                save(epoch, done_in_epoch, running, n_loss)
+        start_batch = 0
+        if record_keys:
+            (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
+            (out_dir / "ranks" / f"epoch{epoch}-rank{dist.rank}.txt").write_text("\n".join(seen))
+
+        row: dict[str, float] = {"epoch": epoch + 1, "step": step, "lr": sched.get_last_lr()[0]}
+        if n_loss:
+            row["train_loss"] = running / n_loss
+        running, n_loss = 0.0, 0
+        if val_paths is not None and dist.main:
+            row.update(_validate(model, ema, val_paths, classes, params, device, dtype))
+        history.append(row)
+        if dist.main:
+            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+            if on_epoch:
+                on_epoch(epoch, row)
+        save(epoch + 1, 0)
+        if dist.main:
+            ckpt.write_json_atomic(out_dir / "history.json", history)
+        if dist.world_size > 1:
+            torch.distributed.barrier()
+    return FitResult(out_dir=out_dir, epochs=cfg.epochs, steps=step, history=history)
+
+
+def _validate(
+    model: nn.Module,
+    ema: Ema | None,
+    val_paths: list[Path],
+    classes: tuple[str, ...],
+    params: Params,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> dict[str, float]:
+    loader = eval_loader(
+        val_paths, batch_size=params.evaluate.batch_size, image_size=params.train.image_size,
+        num_workers=params.train.num_workers,
+    )
+    row: dict[str, float] = {}
+    candidates: list[tuple[str, nn.Module]] = [("val", unwrap(model))]
+    if ema is not None:
+        candidates.append(("val_ema", ema.module))
+    for prefix, m in candidates:
+        _, scores, targets = predict(m, loader, device, dtype)
+        res = evaluate_scores(scores, targets, classes)
+        row[f"{prefix}_mAP"] = res.mAP
+        row[f"{prefix}_OF1"] = res.at_threshold.OF1
+        row[f"{prefix}_CF1"] = res.at_threshold.CF1
+    return row
