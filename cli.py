@@ -208,19 +208,18 @@ def train(
 
     from lcm.checkpoint import check_compatible
     from lcm.config import load_params_with, to_dict
-    from lcm.data.masks import check_mask_matches
-    from lcm.data.shards import resolve_shards
+    from lcm.data.shards import check_mask_matches, resolve_shards
     from lcm.engine import select_device
 
     # Every input is checked here, before a Prefect server or a process group starts.
     params = load_params_with(params_file, overrides)
-    _, info = resolve_shards(shards)
+    paths, info = resolve_shards(shards)
     val = None if no_val else val_shards
     if val is not None:
         resolve_shards(val)
     mask = _mask_for(params, mask)
     if mask is not None:
-        check_mask_matches(mask, info)
+        check_mask_matches(mask, paths, info)
     if resume:
         check_compatible(out_dir, params.model, tuple(info.classes))
     select_device(params.train.device)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lcm.config import ModelConfig, build_section
@@ -121,7 +121,7 @@ def load_weights(model: torch.nn.Module, model_dir: Path, which: str = "raw") ->
         raise CheckpointError(f"{path}: not found (this run saved no {which} weights)")
     try:
         state = load_file(str(path))
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

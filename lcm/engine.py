@@ -211,9 +211,9 @@ def fit(
 
     shard_paths, info = resolve_shards(train_shards)
     classes = tuple(info.classes)
-    val_paths = None
+    val = None
     if val_shards is not None:
-        val_paths, val_info = resolve_shards(val_shards)
+        val = val_paths, val_info = resolve_shards(val_shards)
         if tuple(val_info.classes) != classes:
             raise ConfigError(f"{val_shards}: the validation shards have other classes than {train_shards}")
     if resume:
@@ -221,7 +221,7 @@ def fit(
 
     def make_train(epoch: int, skip: int) -> Any:
         return train_loader(
-            shard_paths, batch_size=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
+            (shard_paths, info), batch_size=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
             epoch=epoch, num_workers=cfg.num_workers, rank=dist.rank,
             world_size=dist.world_size, mask=mask, skip_batches=skip,
         )
@@ -327,8 +327,8 @@ def fit(
         if n_loss:
             row["train_loss"] = running / n_loss
         running, n_loss = 0.0, 0
-        if val_paths is not None and dist.main:
-            row.update(_validate(model, ema, val_paths, classes, params, device, dtype))
+        if val is not None and dist.main:
+            row.update(_validate(model, ema, val, classes, params, device, dtype))
         history.append(row)
         if dist.main:
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
@@ -345,14 +345,14 @@ def fit(
 def _validate(
     model: nn.Module,
     ema: Ema | None,
-    val_paths: list[Path],
+    val: tuple[list[Path], Any],
     classes: tuple[str, ...],
     params: Params,
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> dict[str, float]:
     loader = eval_loader(
-        val_paths, batch_size=params.evaluate.batch_size, image_size=params.train.image_size,
+        val, batch_size=params.evaluate.batch_size, image_size=params.train.image_size,
         num_workers=params.train.num_workers,
     )
     row: dict[str, float] = {}

@@ -52,7 +52,7 @@ def evaluate_checkpoint(req: EvaluateRequest, progress: ProgressCallback | None 
             f"{len(info.classes)} classes of {req.shards}"
         )
     loader = eval_loader(
-        paths, batch_size=req.batch_size, image_size=meta.image_size, num_workers=req.num_workers
+        (paths, info), batch_size=req.batch_size, image_size=meta.image_size, num_workers=req.num_workers
     )
     keys, scores, targets = predict(
         model, loader, device, amp_dtype("auto", device), progress=progress

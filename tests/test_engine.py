@@ -1,0 +1,160 @@
+"""Training engine: fit, checkpoints, exact resume after SIGKILL, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lcm.checkpoint import load_meta, load_state
+from lcm.config import load_params
+from lcm.engine import Ema, fit
+from lcm.evaluate import load_model
+from tests._engine_fixtures import cli_env, lcm_cmd, make_tiny_data, write_params
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.mktemp("engine-data"))
+
+
+def test_fit_writes_checkpoint_and_reports_raw_and_ema(data, tmp_path):
+    params = load_params(write_params(tmp_path / "params.yaml"))
+    result = fit(params, data.train, data.val, tmp_path / "model")
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    last = result.final
+    # raw and EMA are both reported, under their own names; nothing picks the better one
+    assert {"val_mAP", "val_ema_mAP", "train_loss"} <= set(last)
+    assert 0.0 <= last["val_mAP"] <= 1.0
+    assert result.steps == 2 * (48 // 8)
+    meta = load_meta(tmp_path / "model")
+    assert meta.classes == ("red", "green", "blue", "square")
+    assert meta.image_size == 32
+    model, _ = load_model(tmp_path / "model", "ema", torch.device("cpu"))
+    assert model(torch.zeros(2, 3, 32, 32)).logits.shape == (2, 4)
+    state = load_state(tmp_path / "model")
+    assert state["epoch"] == 2 and state["batch"] == 0 and state["step"] == result.steps
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    assert history == result.history
+
+
+def test_training_learns_the_tiny_task(data, tmp_path):
+    params = load_params(
+        write_params(tmp_path / "p.yaml", train={"epochs": 6, "ema_decay": None})
+    )
+    result = fit(params, data.train, data.val, tmp_path / "model")
+    first, last = result.history[0], result.history[-1]
+    assert last["train_loss"] < first["train_loss"]
+    assert last["val_mAP"] > 0.7  # chance level is the label frequency, about 0.4
+
+
+def test_ema_tracks_weights():
+    model = torch.nn.Linear(2, 2)
+    ema = Ema(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert not torch.equal(ema.module.weight, model.weight)
+    for _ in range(200):
+        ema.update(model)
+    torch.testing.assert_close(ema.module.weight, model.weight)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before {path} appeared")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+
+
+def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(data, tmp_path):
+    params_file = write_params(tmp_path / "params.yaml", train={"checkpoint_every": 2})
+    reference = fit(load_params(params_file), data.train, data.val, tmp_path / "reference")
+
+    out = tmp_path / "killed"
+    args = ["train", "--params", str(params_file), "--shards", str(data.train),
+            "--val-shards", str(data.val), "--out", str(out), "--no-live"]
+    env = cli_env(tmp_path)
+    proc = subprocess.Popen(lcm_cmd(*args), env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(out / "state.pt", proc, timeout=240)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = load_state(out)
+    assert killed_at["epoch"] == 0 and 0 < killed_at["batch"] < 6  # really mid-epoch
+    assert not (out / "history.json").exists()
+
+    done = subprocess.run(lcm_cmd(*args, "--resume"), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    resumed = json.loads((out / "history.json").read_text())
+    assert resumed == reference.history  # bit-for-bit the same metrics, every epoch
+
+
+def test_ddp_two_processes_disjoint_equal_steps(data, tmp_path):
+    params_file = write_params(tmp_path / "params.yaml", train={"epochs": 1})
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           lcm_cmd()[1], "train", "--params", str(params_file), "--shards", str(data.train),
+           "--val-shards", str(data.val), "--out", str(out), "--no-live", "--record-keys"]
+    env = {**cli_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    keys = [(out / "ranks" / f"epoch0-rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == (48 // (2 * 8)) * 8  # same number of steps
+    assert not set(keys[0]) & set(keys[1])  # disjoint samples
+    assert load_state(out)["step"] == 48 // (2 * 8)
+    model, meta = load_model(out, "raw", torch.device("cpu"))
+    assert meta.classes == ("red", "green", "blue", "square")
+    assert model(torch.zeros(1, 3, 32, 32)).logits.shape == (1, 4)
+
+
+@pytest.mark.parametrize(
+    ("extra", "params_extra", "fragment"),
+    [
+        ([], {"train": {"epochz": 1}}, "unknown key 'epochz'"),
+        ([], {"train": {"epochs": "two"}}, "train.epochs: expected an integer"),
+        (["--shards", "nowhere/*.tar"], {}, "nowhere/*.tar"),
+        ([], {"train": {"device": "cuda"}}, "no CUDA device"),
+        (["--mask", "MASK"], {}, "mask"),
+        (["--resume"], {"model": {"depth": 2}}, "another architecture"),
+    ],
+)
+def test_bad_input_fails_before_training_with_one_line(data, tmp_path, extra, params_extra, fragment):
+    if "--resume" in extra:  # a checkpoint of another architecture to resume from
+        fit(load_params(write_params(tmp_path / "p0.yaml", train={"epochs": 1})),
+            data.train, None, tmp_path / "out")
+    if "MASK" in extra:  # a mask file whose keys do not match the shards
+        from lcm.data.manifest import ImageRecord, write_manifest
+        from lcm.data.masks import make_mask
+
+        other = tmp_path / "other"
+        write_manifest(other, ("red", "green", "blue", "square"),
+                       [ImageRecord("zzz", "zzz.jpg", (0,), (), 4, 4)])
+        make_mask(other, 0.5, 0, tmp_path / "mask.parquet")
+        extra = ["--mask", str(tmp_path / "mask.parquet")]
+    if torch.cuda.is_available() and "cuda" in fragment:
+        pytest.skip("this machine has a GPU")
+    params_file = write_params(tmp_path / "params.yaml", **params_extra)
+    args = ["train", "--params", str(params_file), "--shards", str(data.train),
+            "--out", str(tmp_path / "out"), "--no-live", *extra]
+    done = subprocess.run(lcm_cmd(*args), env=cli_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in done.stderr
