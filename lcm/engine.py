@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,28 +288,12 @@ def fit(
 
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
-        loader = make_train(epoch, start_batch)
         seen: list[str] = []
-        for i, batch in enumerate(loader, start=start_batch):
-            images = batch.images.to(device, non_blocking=True)
-            targets = batch.targets.to(device, non_blocking=True)
-            if cfg.channels_last and device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(device, dtype):
-                out = net(images, targets)
-            loss, _parts = compute_loss(out, targets, params.loss)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                ema.update(model)
+        for i, batch in enumerate(_iterate(make_train(epoch, start_batch)), start=start_batch):
+            loss = train_step(net, model, batch.images, batch.targets, opt, sched, scaler, ema,
+                              params, device, dtype)
             step += 1
-            running += float(loss.detach())
+            running = running + loss.float()
             n_loss += 1
             if record_keys:
                 seen.extend(batch.keys)
@@ -317,7 +301,7 @@ def fit(
                 progress(step, total_steps)
             done_in_epoch = i + 1
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and done_in_epoch < steps_per_epoch:
-                save(epoch, done_in_epoch, running, n_loss)
+                save(epoch, done_in_epoch, float(running), n_loss)
         start_batch = 0
         if record_keys:
             (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
@@ -325,7 +309,7 @@ def fit(
 
         row: dict[str, float] = {"epoch": epoch + 1, "step": step, "lr": sched.get_last_lr()[0]}
         if n_loss:
-            row["train_loss"] = running / n_loss
+            row["train_loss"] = float(running) / n_loss
         running, n_loss = 0.0, 0
         if val is not None and dist.main:
             row.update(_validate(model, ema, val, classes, params, device, dtype))
@@ -340,6 +324,89 @@ def fit(
         if dist.world_size > 1:
             torch.distributed.barrier()
     return FitResult(out_dir=out_dir, epochs=cfg.epochs, steps=step, history=history)
+
+
+def train_step(
+    net: nn.Module,
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    ema: Ema | None,
+    params: Params,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """One optimisation step; ``net`` may wrap ``model`` (DDP, compile). Returns the detached
+    loss on the device (reading it would synchronise a GPU every step)."""
+    cfg = params.train
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if cfg.channels_last and device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(device, dtype):
+        out = net(images, targets)
+    loss, _parts = compute_loss(out, targets, params.loss)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    if ema is not None:
+        ema.update(model)
+    return loss.detach()
+
+
+def step_time(params: Params, steps: int, device: torch.device, num_classes: int) -> float:
+    """Median seconds of a training step on random tensors already on the device: the cost of
+    the model alone, for equal-compute comparisons and the data-pipeline benchmark."""
+    import time
+
+    cfg = params.train
+    torch.manual_seed(0)
+    model = build_model(params.model, num_classes, branch=params.loss.beta > 0).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    opt = build_optimizer(model, params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = Ema(model, cfg.ema_decay) if cfg.ema_decay else None
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    targets = (torch.rand(cfg.batch_size, num_classes, device=device) < 0.2).float()
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        train_step(model, model, images, targets, opt, sched, scaler, ema, params, device, dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _iterate(loader: Any) -> Iterator[Any]:
+    """Iterate a loader without letting it touch the global RNG.
+
+    A DataLoader draws its worker base seed from the global RNG when it starts, which would
+    shift dropout and label-mask draws after a mid-epoch resume; the data order and flips have
+    their own seeded generators, so the training RNG stays the model's alone.
+    """
+    it = iter(loader)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
 
 
 def _validate(
