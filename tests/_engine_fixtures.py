@@ -20,12 +20,28 @@ CLASSES = ("red", "green", "blue", "square")
 
 # Small enough for 2 CPU cores: resnet18 on 32 px images, a 1-layer head of width 32.
 TINY_PARAMS = {
-    "model": {"arch": "lcm", "backbone": "resnet18", "dim": 32, "heads": 2, "ffn": 64,
-              "depth": 1, "dropout": 0.1, "mask_ratio": 0.3},
+    "model": {
+        "arch": "lcm",
+        "backbone": "resnet18",
+        "dim": 32,
+        "heads": 2,
+        "ffn": 64,
+        "depth": 1,
+        "dropout": 0.1,
+        "mask_ratio": 0.3,
+    },
     "loss": {"alpha": 1.0, "beta": 0.1},
-    "train": {"epochs": 2, "batch_size": 8, "image_size": 32, "lr": 0.002,
-              "ema_decay": 0.9, "seed": 3, "device": "cpu", "num_workers": 0,
-              "checkpoint_every": 0},
+    "train": {
+        "epochs": 2,
+        "batch_size": 8,
+        "image_size": 32,
+        "lr": 0.002,
+        "ema_decay": 0.9,
+        "seed": 3,
+        "device": "cpu",
+        "num_workers": 0,
+        "checkpoint_every": 0,
+    },
     "evaluate": {"batch_size": 16},
 }
 

@@ -46,9 +46,7 @@ def test_fit_writes_checkpoint_and_reports_raw_and_ema(data, tmp_path):
 
 
 def test_training_learns_the_tiny_task(data, tmp_path):
-    params = load_params(
-        write_params(tmp_path / "p.yaml", train={"epochs": 6, "ema_decay": None})
-    )
+    params = load_params(write_params(tmp_path / "p.yaml", train={"epochs": 6, "ema_decay": None}))
     result = fit(params, data.train, data.val, tmp_path / "model")
     first, last = result.history[0], result.history[-1]
     assert last["train_loss"] < first["train_loss"]
@@ -82,11 +80,26 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(data, tmp_path
     reference = fit(load_params(params_file), data.train, data.val, tmp_path / "reference")
 
     out = tmp_path / "killed"
-    args = ["train", "--params", str(params_file), "--shards", str(data.train),
-            "--val-shards", str(data.val), "--out", str(out), "--no-live"]
+    args = [
+        "train",
+        "--params",
+        str(params_file),
+        "--shards",
+        str(data.train),
+        "--val-shards",
+        str(data.val),
+        "--out",
+        str(out),
+        "--no-live",
+    ]
     env = cli_env(tmp_path)
-    proc = subprocess.Popen(lcm_cmd(*args), env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        lcm_cmd(*args),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         _wait_for(out / "state.pt", proc, timeout=240)
     finally:
@@ -97,8 +110,9 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(data, tmp_path
     assert killed_at["epoch"] == 0 and 0 < killed_at["batch"] < 6  # really mid-epoch
     assert not (out / "history.json").exists()
 
-    done = subprocess.run(lcm_cmd(*args, "--resume"), env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        lcm_cmd(*args, "--resume"), env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     resumed = json.loads((out / "history.json").read_text())
     assert resumed == reference.history  # bit-for-bit the same metrics, every epoch
@@ -107,9 +121,25 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(data, tmp_path
 def test_ddp_two_processes_disjoint_equal_steps(data, tmp_path):
     params_file = write_params(tmp_path / "params.yaml", train={"epochs": 1})
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           lcm_cmd()[1], "train", "--params", str(params_file), "--shards", str(data.train),
-           "--val-shards", str(data.val), "--out", str(out), "--no-live", "--record-keys"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        lcm_cmd()[1],
+        "train",
+        "--params",
+        str(params_file),
+        "--shards",
+        str(data.train),
+        "--val-shards",
+        str(data.val),
+        "--out",
+        str(out),
+        "--no-live",
+        "--record-keys",
+    ]
     env = {**cli_env(tmp_path), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -133,26 +163,45 @@ def test_ddp_two_processes_disjoint_equal_steps(data, tmp_path):
         (["--resume"], {"model": {"depth": 2}}, "another architecture"),
     ],
 )
-def test_bad_input_fails_before_training_with_one_line(data, tmp_path, extra, params_extra, fragment):
+def test_bad_input_fails_before_training_with_one_line(
+    data, tmp_path, extra, params_extra, fragment
+):
     if "--resume" in extra:  # a checkpoint of another architecture to resume from
-        fit(load_params(write_params(tmp_path / "p0.yaml", train={"epochs": 1})),
-            data.train, None, tmp_path / "out")
+        fit(
+            load_params(write_params(tmp_path / "p0.yaml", train={"epochs": 1})),
+            data.train,
+            None,
+            tmp_path / "out",
+        )
     if "MASK" in extra:  # a mask file whose keys do not match the shards
         from lcm.data.manifest import ImageRecord, write_manifest
         from lcm.data.masks import make_mask
 
         other = tmp_path / "other"
-        write_manifest(other, ("red", "green", "blue", "square"),
-                       [ImageRecord("zzz", "zzz.jpg", (0,), (), 4, 4)])
+        write_manifest(
+            other,
+            ("red", "green", "blue", "square"),
+            [ImageRecord("zzz", "zzz.jpg", (0,), (), 4, 4)],
+        )
         make_mask(other, 0.5, 0, tmp_path / "mask.parquet")
         extra = ["--mask", str(tmp_path / "mask.parquet")]
     if torch.cuda.is_available() and "cuda" in fragment:
         pytest.skip("this machine has a GPU")
     params_file = write_params(tmp_path / "params.yaml", **params_extra)
-    args = ["train", "--params", str(params_file), "--shards", str(data.train),
-            "--out", str(tmp_path / "out"), "--no-live", *extra]
-    done = subprocess.run(lcm_cmd(*args), env=cli_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    args = [
+        "train",
+        "--params",
+        str(params_file),
+        "--shards",
+        str(data.train),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-live",
+        *extra,
+    ]
+    done = subprocess.run(
+        lcm_cmd(*args), env=cli_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 1
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr

@@ -69,8 +69,13 @@ class Manifest:
         return [
             ImageRecord(k, p, tuple(lab), tuple(ign), w, h)
             for k, p, lab, ign, w, h in zip(
-                cols["key"], cols["path"], cols["labels"], cols["ignore"],
-                cols["width"], cols["height"], strict=True,
+                cols["key"],
+                cols["path"],
+                cols["labels"],
+                cols["ignore"],
+                cols["width"],
+                cols["height"],
+                strict=True,
             )
         ]
 
@@ -134,7 +139,9 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(out_dir: Path, classes: Sequence[str], records: Iterable[ImageRecord]) -> Manifest:
+def write_manifest(
+    out_dir: Path, classes: Sequence[str], records: Iterable[ImageRecord]
+) -> Manifest:
     """Write ``manifest.parquet`` and ``classes.json`` (each atomically); keys must be unique."""
     records = list(records)
     seen: dict[str, str] = {}
