@@ -262,7 +262,7 @@ def fit(
     net: nn.Module = model
     if dist.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
-            model, find_unused_parameters=params.loss.beta == 0 and params.model.arch == "lcm"
+            model, find_unused_parameters=params.loss.alpha == 0  # aux head then gets no gradient
         )
     if cfg.compile:
         net = torch.compile(net)

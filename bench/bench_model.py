@@ -1,0 +1,176 @@
+"""Side-by-side timings (CPU by default): LCM vs the gap baseline, and the branch's cost.
+
+Run by hand (not part of the test suite):
+
+    .venv/bin/python bench/bench_model.py            # full run, a few minutes on 2 cores
+    .venv/bin/python bench/bench_model.py --quick    # resnet18 rows only
+
+Inference: LCM vs ``gap`` at ResNet-101 / 448 px / batch 4 and ResNet-18 / 224 px / batch 32;
+the measured time ratio is printed beside the MAC ratio from ``model_report`` for the same
+setting (the paper's, ResNet-101 at 448, is 35.8 / 31.5 = 1.14).
+Training: one optimizer step of LCM with the branch (beta > 0) against without (beta = 0);
+SPEC expects the ratio to stay at or below 1.3.
+
+Each contender gets warm-up calls, then the contenders alternate call by call and the median
+of the repeats is reported, so a load spike from another process hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from lcm.config import LossConfig, ModelConfig
+from lcm.models import build_model
+from lcm.models.complexity import model_report
+from lcm.models.losses import compute_loss
+
+PAPER_MAC_RATIO = 35.8 / 31.5
+
+
+def interleaved(
+    contenders: dict[str, Callable[[], None]], warmup: int, repeats: int, device: torch.device
+):
+    """Median seconds per call for each contender, calls alternating between contenders."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}, times
+
+
+def bench_inference(cfg: ModelConfig, classes: int, size: int, batch: int, args) -> dict:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    lcm = build_model(cfg, classes).eval().to(device)
+    gap = build_model(dataclasses.replace(cfg, arch="gap"), classes).eval().to(device)
+    images = torch.randn(batch, 3, size, size, device=device)
+
+    def run(model: torch.nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            with torch.inference_mode():
+                model(images)
+
+        return call
+
+    medians, raw = interleaved(
+        {"lcm": run(lcm), "gap": run(gap)}, args.warmup, args.repeats, device
+    )
+    report = model_report(cfg.backbone, classes, size, cfg.depth, dim=cfg.dim, ffn=cfg.ffn)
+    return {
+        "setting": f"{cfg.backbone} {size}px b{batch} D{cfg.dim}",
+        "a": medians["lcm"],
+        "b": medians["gap"],
+        "ratio": medians["lcm"] / medians["gap"],
+        "mac_ratio": report["gmacs"] / report["baseline"]["gmacs"],
+        "spread": spread(raw),
+    }
+
+
+def bench_train_step(cfg: ModelConfig, classes: int, size: int, batch: int, args) -> dict:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_model(cfg, classes).train().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, size, size, device=device)
+    targets = torch.randint(0, 2, (batch, classes), device=device).float()
+
+    def step(beta: float) -> Callable[[], None]:
+        loss_cfg = LossConfig(beta=beta)
+
+        def call() -> None:
+            model.branch = beta > 0  # what the training loop passes to build_model
+            loss, _ = compute_loss(model(images, targets), targets, loss_cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return call
+
+    medians, raw = interleaved(
+        {"branch": step(0.1), "plain": step(0.0)}, args.warmup, args.train_repeats, device
+    )
+    return {
+        "setting": f"{cfg.backbone} {size}px b{batch} D{cfg.dim}",
+        "a": medians["branch"],
+        "b": medians["plain"],
+        "ratio": medians["branch"] / medians["plain"],
+        "spread": spread(raw),
+    }
+
+
+def spread(raw: dict[str, list[float]]) -> str:
+    """Max/min of the repeats per contender: how noisy the machine was."""
+    return " ".join(f"{k}:{max(v) / min(v):.2f}" for k, v in raw.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--classes", type=int, default=80)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="inference repeats")
+    parser.add_argument("--train-repeats", type=int, default=3, help="training-step repeats")
+    parser.add_argument("--r101-repeats", type=int, default=2, help="repeats for ResNet-101")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="skip the ResNet-101 rows")
+    parser.add_argument("--device", default="cpu", help="cpu (the reference) or cuda")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(
+        f"torch {torch.__version__}, {where}, {torch.get_num_threads()} CPU threads, "
+        f"{args.classes} classes"
+    )
+
+    base = ModelConfig(arch="lcm", depth=3, dropout=0.1)
+    r18 = dataclasses.replace(base, backbone="resnet18")
+    r18_small = dataclasses.replace(r18, dim=256, ffn=512)
+    r101 = dataclasses.replace(base, backbone="resnet101")
+    r101_args = argparse.Namespace(
+        **{**vars(args), "repeats": args.r101_repeats, "train_repeats": args.r101_repeats}
+    )
+
+    infer = [bench_inference(r18, args.classes, 224, 32, args)]
+    train = [
+        bench_train_step(r18, args.classes, 224, 4, args),
+        bench_train_step(r18_small, args.classes, 224, 4, args),
+    ]
+    if not args.quick:
+        infer.insert(0, bench_inference(r101, args.classes, 448, 4, r101_args))
+        train.insert(0, bench_train_step(r101, args.classes, 448, 1, r101_args))
+
+    print(f"\nInference, median s/batch (paper MAC ratio {PAPER_MAC_RATIO:.2f})")
+    print(f"{'setting':<28} {'lcm':>8} {'gap':>8} {'ratio':>6} {'MACs':>6}  max/min")
+    for r in infer:
+        print(
+            f"{r['setting']:<28} {r['a']:8.3f} {r['b']:8.3f} {r['ratio']:6.2f} "
+            f"{r['mac_ratio']:6.2f}  {r['spread']}"
+        )
+    print(
+        "\nTraining step (AdamW), median s/step: branch (beta 0.1) vs none (beta 0); target <= 1.3"
+    )
+    print(f"{'setting':<28} {'branch':>8} {'none':>8} {'ratio':>6}  max/min")
+    for r in train:
+        print(f"{r['setting']:<28} {r['a']:8.3f} {r['b']:8.3f} {r['ratio']:6.2f}  {r['spread']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Baselines behind the same interface as LCM (SPEC section 3).
+
+- ``gap``: backbone + global average pooling + linear (the paper's "ResNet-101" row).
+- ``q2l``: a Query2Label-style head: the feature map projected to D tokens (plus a fixed 2-D
+  sine position code), C learned label queries, a post-norm Transformer decoder of
+  ``model.depth`` layers and a per-class linear. Our simplification of Query2Label: the
+  position code is added to the memory (keys and values), not to the keys only, so the stock
+  ``nn.TransformerDecoder`` can be used.
+
+Neither has an auxiliary head or a partial-label branch: those output fields stay ``None``
+and ``targets`` is accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lcm.config import ModelConfig
+from lcm.errors import ConfigError
+from lcm.models.backbones import create_backbone
+from lcm.models.lcm import PerClassLinear
+from lcm.models.registry import ModelOutput, register_model
+
+
+class GapClassifier(nn.Module):
+    """Backbone, global average pooling, one linear layer."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = create_backbone(cfg.backbone, cfg.pretrained)
+        self.fc = nn.Linear(self.backbone.out_channels, num_classes)
+
+    def forward(self, images: Tensor, targets: Tensor | None = None) -> ModelOutput:
+        pooled = self.backbone(images).mean(dim=(2, 3))  # (B, C_b)
+        return ModelOutput(logits=self.fc(pooled))  # (B, C)
+
+    def forward_features(self, images: Tensor) -> dict[str, Tensor]:
+        """``feature_map`` (B, C_b, h, w), class activation maps ``cam`` (B, C, h, w), ``logits``.
+
+        Pooling commutes with the linear layer, so each CAM's spatial mean plus the bias is
+        exactly that class's logit.
+        """
+        fmap = self.backbone(images)  # (B, C_b, h, w)
+        cam = torch.einsum("bkhw,ck->bchw", fmap, self.fc.weight)  # (B, C, h, w)
+        return {"feature_map": fmap, "cam": cam, "logits": cam.mean(dim=(2, 3)) + self.fc.bias}
+
+
+class Query2Label(nn.Module):
+    """Learned label queries cross-attending to the projected feature map."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        if cfg.dim % cfg.heads:
+            raise ConfigError(
+                f"model.dim ({cfg.dim}) must be divisible by model.heads ({cfg.heads})"
+            )
+        if cfg.dim % 4:
+            raise ConfigError(f"model.dim ({cfg.dim}) must be divisible by 4 for q2l")
+        self.backbone = create_backbone(cfg.backbone, cfg.pretrained)
+        self.proj = nn.Conv2d(self.backbone.out_channels, cfg.dim, kernel_size=1)
+        self.queries = nn.Parameter(torch.randn(num_classes, cfg.dim) * 0.02)  # (C, D)
+        layer = nn.TransformerDecoderLayer(
+            cfg.dim, cfg.heads, cfg.ffn, cfg.dropout, batch_first=True, norm_first=False
+        )
+        self.decoder = nn.TransformerDecoder(layer, cfg.depth)
+        self.head = PerClassLinear(num_classes, cfg.dim)
+
+    def forward(self, images: Tensor, targets: Tensor | None = None) -> ModelOutput:
+        fmap = self.proj(self.backbone(images))  # (B, D, h, w)
+        b, d, h, w = fmap.shape
+        pos = sine_position_code(h, w, d, fmap.device, fmap.dtype)  # (HW, D)
+        memory = fmap.flatten(2).transpose(1, 2) + pos  # (B, HW, D)
+        queries = self.queries.unsqueeze(0).expand(b, -1, -1)  # (B, C, D)
+        z = self.decoder(queries, memory)  # (B, C, D)
+        return ModelOutput(logits=self.head(z))
+
+
+def sine_position_code(
+    h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """DETR-style fixed 2-D sine/cosine code ``(h*w, dim)``: half the channels for y, half x."""
+    quarter = dim // 4
+    freq = 1.0 / (10000.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
+    ys = torch.arange(h, device=device, dtype=torch.float32)[:, None] * freq  # (h, D/4)
+    xs = torch.arange(w, device=device, dtype=torch.float32)[:, None] * freq  # (w, D/4)
+    code_y = torch.cat([ys.sin(), ys.cos()], dim=-1)[:, None].expand(h, w, 2 * quarter)
+    code_x = torch.cat([xs.sin(), xs.cos()], dim=-1)[None].expand(h, w, 2 * quarter)
+    code = torch.cat([code_y, code_x], dim=-1).reshape(h * w, 4 * quarter)
+    return code.to(dtype)
+
+
+@register_model("gap")
+def build_gap(cfg: ModelConfig, num_classes: int, branch: bool = True) -> GapClassifier:
+    return GapClassifier(cfg, num_classes)
+
+
+@register_model("q2l")
+def build_q2l(cfg: ModelConfig, num_classes: int, branch: bool = True) -> Query2Label:
+    return Query2Label(cfg, num_classes)

@@ -1,0 +1,208 @@
+"""The LCM model (SPEC section 2): latent context embedding + label-correlation Transformer.
+
+Shapes below use B images, C classes, D token width, K latent context prototypes, C_b
+backbone channels and HW feature-map positions (14 x 14 for 448 px input).
+
+What comes from the paper and what is our reconstruction:
+  - [paper] a ResNet backbone; a "Latent Context Information Embedding" producing class-aware,
+    context-aware and fusion features; a Transformer modelling label correlations (best depth
+    3); a partial-label branch with mask ratio r used in training only.
+  - [ours] the module internals: class-aware features via a 1x1 conv + spatial softmax
+    (ADD-GCN / TDRG style); K learned prototypes pooling K context tokens by soft assignment
+    (``model.prototypes``, default K = C); fusion by concatenating the two token kinds with
+    type embeddings (``model.fusion: cat``) or adding them (``sum``); a post-norm encoder
+    whose two output halves are summed; per-class linear heads; the auxiliary head on F_cls;
+    the branch mechanics after C-Tran (label-state embeddings added to the class-aware tokens,
+    the same Transformer run a second time).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lcm.config import ModelConfig
+from lcm.errors import ConfigError
+from lcm.models.backbones import create_backbone
+from lcm.models.registry import ModelOutput, register_model
+
+# Label states fed to the partial-label branch. UNKNOWN must be 0: it is the embedding's
+# padding index, so its vector is zero and stays zero, which makes an all-unknown pass
+# identical to the main pass.
+UNKNOWN, NEGATIVE, POSITIVE = 0, 1, 2
+
+
+class PerClassLinear(nn.Module):
+    """One weight vector and bias per class: ``logits[b, c] = <z[b, c], w[c]> + bias[c]``.
+
+    Unlike a shared ``nn.Linear(D, 1)`` each class has its own classifier, as in Query2Label's
+    group-wise heads.
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(dim)  # nn.Linear's default init range
+        self.weight = nn.Parameter(torch.empty(num_classes, dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.einsum("bcd,cd->bc", z, self.weight) + self.bias  # (B, C)
+
+
+class LCM(nn.Module):
+    """Backbone + latent context embedding + label-correlation Transformer (+ training branch).
+
+    ``forward(images, targets)`` runs the partial-label branch only when the module is in
+    training mode, ``targets`` are given and ``branch`` is true; otherwise ``mask_logits`` and
+    ``hidden`` are ``None`` and nothing extra is computed.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, branch: bool = True) -> None:
+        super().__init__()
+        if cfg.dim % cfg.heads:
+            raise ConfigError(
+                f"model.dim ({cfg.dim}) must be divisible by model.heads ({cfg.heads})"
+            )
+        if not 0.0 <= cfg.mask_ratio <= 1.0:
+            raise ConfigError(f"model.mask_ratio must lie in [0, 1], got {cfg.mask_ratio}")
+        if cfg.fusion not in ("cat", "sum"):
+            raise ConfigError(f"model.fusion: {cfg.fusion!r} is not one of ['cat', 'sum']")
+        if cfg.prototypes is not None and cfg.prototypes < 1:
+            raise ConfigError(f"model.prototypes must be positive or null, got {cfg.prototypes}")
+        num_prototypes = cfg.prototypes or num_classes
+        dim = cfg.dim
+        self.num_classes = num_classes
+        self.dim = dim
+        self.fusion = cfg.fusion
+        self.mask_ratio = cfg.mask_ratio
+
+        self.backbone = create_backbone(cfg.backbone, cfg.pretrained)
+        channels = self.backbone.out_channels
+        self.proj = nn.Conv2d(channels, dim, kernel_size=1)
+        self.class_conv = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
+        # Unit-variance prototypes (nn.Embedding's init) so that they assign positions
+        # differently from the first step; near-identical prototypes pool near-identical
+        # context tokens and receive near-identical gradients.
+        self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim))  # (K, D)
+        if self.fusion == "cat":
+            self.type_embed = nn.Parameter(torch.randn(2, dim) * 0.02)  # e_cls, e_ctx
+        layer = nn.TransformerEncoderLayer(
+            dim,
+            cfg.heads,
+            cfg.ffn,
+            cfg.dropout,
+            batch_first=True,
+            norm_first=False,  # post-norm, as SPEC section 2.3
+        )
+        self.transformer = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.head = PerClassLinear(num_classes, dim)
+        self.aux_head = PerClassLinear(num_classes, dim)
+        self.state_embed = nn.Embedding(3, dim, padding_idx=UNKNOWN)
+        self.branch = branch
+
+    @property
+    def branch(self) -> bool:
+        """Whether training passes run the partial-label branch (given targets)."""
+        return self._branch
+
+    @branch.setter
+    def branch(self, enabled: bool) -> None:
+        # Without the branch the state embeddings get no gradient; freezing them keeps them
+        # out of DistributedDataParallel's reducer, which would otherwise wait for them.
+        self._branch = enabled
+        self.state_embed.weight.requires_grad_(enabled)
+
+    def forward_features(self, images: Tensor) -> dict[str, Tensor]:
+        """Intermediate features and attention maps of the main pass, for visualisation.
+
+        Keys: ``feature_map`` (B, C_b, h, w); ``class_attention`` A (B, C, h, w), each class's
+        spatial softmax; ``context_assign`` (B, K, h, w), each prototype's spatial softmax;
+        ``context_attention`` (B, C, K), each class's weights over context tokens;
+        ``context_map`` (B, C, h, w), the spatial map a class reaches through its context
+        tokens; ``f_cls``, ``f_ctx``, ``z`` (B, C, D); ``context`` (B, K, D); ``logits`` (B, C).
+        """
+        feats = self._embed(images)
+        z = self._correlate(feats["f_cls"], feats["f_ctx"])
+        h, w = feats["feature_map"].shape[-2:]
+        b = images.shape[0]
+        context_map = feats["context_attention"] @ feats["context_assign"]  # (B, C, HW)
+        return {
+            "feature_map": feats["feature_map"],
+            "class_attention": feats["class_attention"].reshape(b, -1, h, w),
+            "context_assign": feats["context_assign"].reshape(b, -1, h, w),
+            "context_attention": feats["context_attention"],
+            "context_map": context_map.reshape(b, -1, h, w),
+            "f_cls": feats["f_cls"],
+            "f_ctx": feats["f_ctx"],
+            "context": feats["context"],
+            "z": z,
+            "logits": self.head(z),
+        }
+
+    def forward(self, images: Tensor, targets: Tensor | None = None) -> ModelOutput:
+        feats = self._embed(images)
+        f_cls, f_ctx = feats["f_cls"], feats["f_ctx"]  # (B, C, D) each
+        out = ModelOutput(
+            logits=self.head(self._correlate(f_cls, f_ctx)),
+            aux_logits=self.aux_head(f_cls),
+        )
+        if self.training and targets is not None and self.branch:
+            states, hidden = self.sample_label_states(targets)
+            z_mask = self._correlate(f_cls + self.state_embed(states), f_ctx)
+            out.mask_logits = self.head(z_mask)
+            out.hidden = hidden
+        return out
+
+    def sample_label_states(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Label states for the branch and the mask of labels it hid, both (B, C).
+
+        Each known target (0 or 1) is hidden with probability ``mask_ratio``; hidden and
+        already-unknown (-1) labels get state UNKNOWN, the rest NEGATIVE or POSITIVE.
+        """
+        known = targets >= 0  # (B, C)
+        draw = torch.rand(targets.shape, device=targets.device)
+        hidden = known & (draw < self.mask_ratio)
+        revealed = known & ~hidden
+        states = torch.where(revealed, targets.long() + 1, torch.zeros_like(targets.long()))
+        return states, hidden
+
+    def _embed(self, images: Tensor) -> dict[str, Tensor]:
+        """Latent Context Information Embedding: class-aware and context-aware tokens."""
+        fmap = self.backbone(images)  # (B, C_b, h, w)
+        x = self.proj(fmap).flatten(2).transpose(1, 2)  # (B, HW, D)
+        # Class-aware: one spatial softmax per class pools the projected features.
+        attn_cls = self.class_conv(fmap).flatten(2).softmax(dim=-1)  # (B, C, HW)
+        f_cls = attn_cls @ x  # (B, C, D)
+        # Context-aware: each prototype softly selects positions (softmax over HW, not over
+        # prototypes, so every prototype pools a full context token), then each class reads
+        # the context tokens by attention.
+        scale = 1.0 / math.sqrt(self.dim)
+        assign = (x @ self.prototypes.t() * scale).softmax(dim=1)  # (B, HW, K)
+        context = assign.transpose(1, 2) @ x  # (B, K, D)
+        attn_ctx = (f_cls @ context.transpose(1, 2) * scale).softmax(dim=-1)  # (B, C, K)
+        f_ctx = attn_ctx @ context  # (B, C, D)
+        return {
+            "feature_map": fmap,
+            "class_attention": attn_cls,
+            "context_assign": assign.transpose(1, 2),  # (B, K, HW)
+            "context_attention": attn_ctx,
+            "context": context,
+            "f_cls": f_cls,
+            "f_ctx": f_ctx,
+        }
+
+    def _correlate(self, f_cls: Tensor, f_ctx: Tensor) -> Tensor:
+        """Fuse the two token kinds and run the label-correlation Transformer -> (B, C, D)."""
+        if self.fusion == "sum":
+            return self.transformer(f_cls + f_ctx)  # (B, C, D)
+        tokens = torch.cat([f_cls + self.type_embed[0], f_ctx + self.type_embed[1]], dim=1)
+        z = self.transformer(tokens)  # (B, 2C, D)
+        c = self.num_classes
+        return z[:, :c] + z[:, c:]  # (B, C, D): each class's two tokens summed back
+
+
+@register_model("lcm")
+def build_lcm(cfg: ModelConfig, num_classes: int, branch: bool = True) -> LCM:
+    return LCM(cfg, num_classes, branch)

@@ -1,0 +1,340 @@
+"""Models: registry entries forward/backward, the partial-label branch, weights loading, size."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from lcm.config import LossConfig, ModelConfig
+from lcm.errors import CheckpointError, ConfigError
+from lcm.models import MODELS, build_model
+from lcm.models.backbones import BACKBONES, create_backbone, hub_weights_path
+from lcm.models.complexity import format_report, model_report
+from lcm.models.lcm import LCM
+from lcm.models.losses import compute_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run on one intra-op thread: on a shared 2-core machine, OpenMP threads competing with
+    other processes make these small ops several times slower, not faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+C = 5  # classes
+SIZE = 64  # input side: a 2 x 2 feature map
+TINY = ModelConfig(backbone="resnet18", dim=32, heads=4, ffn=64, depth=2, dropout=0.0)
+
+
+def tiny(**overrides: object) -> ModelConfig:
+    return dataclasses.replace(TINY, **overrides)
+
+
+def random_batch(n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, SIZE, SIZE, generator=g)
+    targets = torch.randint(-1, 2, (n, C), generator=g).float()  # {-1, 0, 1}
+    targets[:, 0] = 1.0  # at least one known label per image
+    return images, targets
+
+
+def count_transformer_calls(model: LCM) -> list[int]:
+    calls = [0]
+    model.transformer.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def assert_trains(model: nn.Module, loss_cfg: LossConfig = LossConfig()) -> None:
+    """One forward/backward: shapes, finiteness, a gradient for every parameter."""
+    images, targets = random_batch()
+    model.train()
+    out = model(images, targets)
+    assert out.logits.shape == (2, C)
+    assert torch.isfinite(out.logits).all()
+    loss, parts = compute_loss(out, targets, loss_cfg)
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert parts["loss"] == pytest.approx(loss.item())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"arch": "lcm"},
+        {"arch": "lcm", "fusion": "sum"},
+        {"arch": "lcm", "prototypes": 3},
+        {"arch": "gap"},
+        {"arch": "q2l"},
+    ],
+    ids=lambda o: "-".join(str(v) for v in o.values()),
+)
+def test_arch_registry_forward_backward(overrides: dict) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(**overrides), C)
+    assert_trains(model)
+    assert set(MODELS) == {"lcm", "gap", "q2l"}
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_registry_forward_backward(name: str) -> None:
+    torch.manual_seed(0)
+    backbone = create_backbone(name)
+    fmap = backbone(torch.randn(1, 3, SIZE, SIZE))
+    assert fmap.shape == (1, backbone.out_channels, SIZE // 32, SIZE // 32)
+    assert_trains(build_model(tiny(backbone=name), C))
+
+
+def test_lcm_outputs_by_mode() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(mask_ratio=0.5), C)
+    images, targets = random_batch()
+    model.train()
+    out = model(images, targets)
+    assert out.aux_logits.shape == out.mask_logits.shape == (2, C)
+    assert out.hidden.dtype == torch.bool and out.hidden.shape == (2, C)
+    assert not out.hidden[targets < 0].any()  # already-unknown labels are never "hidden"
+    assert model(images).mask_logits is None  # no targets, no branch
+
+
+def test_eval_ignores_targets() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(dropout=0.1, mask_ratio=0.5), C).eval()
+    calls = count_transformer_calls(model)
+    images, targets = random_batch()
+    with torch.no_grad():
+        plain = model(images)
+        with_targets = model(images, targets)
+    assert calls[0] == 2  # one pass each: the branch never ran
+    assert with_targets.mask_logits is None and with_targets.hidden is None
+    assert torch.equal(plain.logits, with_targets.logits)
+    assert torch.equal(plain.aux_logits, with_targets.aux_logits)
+
+
+@pytest.mark.parametrize(("branch", "passes"), [(True, 2), (False, 1)])
+def test_branch_flag_controls_second_pass(branch: bool, passes: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(), C, branch=branch).train()
+    calls = count_transformer_calls(model)
+    images, targets = random_batch()
+    out = model(images, targets)
+    assert calls[0] == passes
+    assert (out.mask_logits is not None) == branch
+    assert (out.hidden is not None) == branch
+    # Every trainable parameter gets a gradient (what DistributedDataParallel needs): without
+    # the branch the state embeddings are frozen rather than left dangling.
+    assert model.state_embed.weight.requires_grad == branch
+    loss, _ = compute_loss(out, targets, LossConfig(beta=0.1 if branch else 0.0))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+
+
+def test_all_unknown_states_reproduce_main_pass() -> None:
+    # State 0 embeds to zero, so a branch pass that hides everything is the main pass:
+    # this is why inference needs no branch.
+    torch.manual_seed(0)
+    model = build_model(tiny(mask_ratio=1.0), C).train()
+    images, targets = random_batch()
+    out = model(images, targets)
+    assert torch.equal(out.hidden, targets >= 0)
+    torch.testing.assert_close(out.mask_logits, out.logits)
+    # Revealing the labels must change the branch's output.
+    model.mask_ratio = 0.0
+    out = model(images, targets)
+    assert not out.hidden.any()
+    assert not torch.allclose(out.mask_logits, out.logits)
+
+
+def test_sample_label_states() -> None:
+    model = build_model(tiny(mask_ratio=0.3), C)
+    torch.manual_seed(0)
+    targets = torch.randint(-1, 2, (4000, C)).float()
+    states, hidden = model.sample_label_states(targets)
+    known = targets >= 0
+    assert torch.equal(states[~known], torch.zeros_like(states[~known]))
+    assert torch.equal(states[hidden], torch.zeros_like(states[hidden]))
+    revealed = known & ~hidden
+    assert torch.equal(states[revealed], targets[revealed].long() + 1)
+    share = hidden.sum().item() / known.sum().item()
+    assert 0.28 < share < 0.32
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+    ],
+    ids=["adamw", "sgd"],
+)
+def test_unknown_state_embedding_stays_zero(make_opt) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(mask_ratio=0.5), C).train()
+    table = model.state_embed.weight
+    assert torch.equal(table[0], torch.zeros_like(table[0]))
+    before = table.detach().clone()
+    opt = make_opt(model.parameters())
+    for step in range(2):
+        images, targets = random_batch(seed=step)
+        out = model(images, targets)
+        assert (out.hidden & (targets >= 0)).any() and (~out.hidden & (targets >= 0)).any()
+        loss, _ = compute_loss(out, targets, LossConfig(beta=1.0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(table[0], torch.zeros_like(table[0]))
+    assert not torch.equal(table[1:], before[1:])  # the known states did train
+
+
+def test_forward_features() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(prototypes=3), C).eval()
+    images, _ = random_batch()
+    with torch.no_grad():
+        feats = model.forward_features(images)
+        logits = model(images).logits
+    h = w = SIZE // 32
+    assert feats["class_attention"].shape == (2, C, h, w)
+    assert feats["context_assign"].shape == (2, 3, h, w)
+    assert feats["context_map"].shape == (2, C, h, w)
+    assert feats["context_attention"].shape == (2, C, 3)
+    for key in ("f_cls", "f_ctx", "z"):
+        assert feats[key].shape == (2, C, 32)
+    ones = torch.ones(2, C)
+    torch.testing.assert_close(feats["class_attention"].sum(dim=(2, 3)), ones)
+    torch.testing.assert_close(feats["context_map"].sum(dim=(2, 3)), ones)
+    torch.testing.assert_close(feats["logits"], logits)
+
+
+def test_gap_class_activation_maps() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(arch="gap"), C).eval()
+    images, _ = random_batch()
+    with torch.no_grad():
+        feats = model.forward_features(images)
+        logits = model(images).logits
+    assert feats["cam"].shape == (2, C, SIZE // 32, SIZE // 32)
+    torch.testing.assert_close(feats["logits"], logits)
+
+
+def test_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(), C).train()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 3, SIZE, SIZE, generator=g)
+    targets = torch.randint(0, 2, (8, C), generator=g).float()
+    targets[0, :2] = -1.0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_cfg = LossConfig()
+    losses = []
+    for _ in range(60):
+        loss, _ = compute_loss(model(images, targets), targets, loss_cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if loss.item() < losses[0] / 10:
+            break
+    assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_unknown_names_rejected() -> None:
+    with pytest.raises(ConfigError, match="nope"):
+        build_model(tiny(arch="nope"), C)
+    with pytest.raises(ConfigError, match="nope"):
+        create_backbone("nope")
+    with pytest.raises(ConfigError, match="heads"):
+        build_model(tiny(dim=30), C)
+
+
+def test_size_matches_paper() -> None:
+    report = model_report("resnet101", num_classes=80, image_size=448, depth=3)
+    assert report["params"] == pytest.approx(69.7e6, rel=0.02)
+    assert report["gmacs"] == pytest.approx(35.8, rel=0.03)
+    assert report["baseline"]["gmacs"] == pytest.approx(31.5, rel=0.03)
+    backbone = report["breakdown"]["backbone"]
+    assert report["head"]["params"] == report["params"] - backbone["params"]
+    assert report["head"]["gmacs"] == pytest.approx(report["gmacs"] - backbone["gmacs"])
+    assert "state_embed" in report["breakdown"] and "aux_head" in report["breakdown"]
+    assert "GMACs" in format_report(report)
+
+
+# --- pretrained weights: never downloaded, read from the hub cache or a local file ---------
+
+
+def torchvision_state(name: str = "resnet18") -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return getattr(torchvision.models, name)(weights=None).state_dict()
+
+
+def assert_loaded(backbone: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    loaded = backbone.state_dict()
+    assert "fc.weight" not in loaded
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_pretrained_missing_from_hub_cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    expected = tmp_path / "checkpoints" / "resnet18-f37072fd.pth"
+    assert hub_weights_path("resnet18") == expected
+    with pytest.raises(CheckpointError, match=str(expected)):
+        build_model(tiny(pretrained=True), C)
+
+
+def test_pretrained_from_hub_cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    state = torchvision_state()
+    path = hub_weights_path("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    assert_loaded(build_model(tiny(pretrained=True), C).backbone, state)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_from_local_file(tmp_path, suffix: str) -> None:
+    state = torchvision_state()
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    assert_loaded(create_backbone("resnet18", str(path)), state)
+
+
+def test_backbone_from_saved_model(tmp_path) -> None:
+    torch.manual_seed(2)
+    trained = build_model(tiny(), C)
+    path = tmp_path / "model.safetensors"
+    save_file(trained.state_dict(), str(path))
+    fresh = create_backbone("resnet18", str(path))
+    assert_loaded(fresh, trained.backbone.state_dict())
+
+
+def test_pretrained_bad_files(tmp_path) -> None:
+    missing = tmp_path / "absent.pth"
+    with pytest.raises(CheckpointError, match="absent.pth"):
+        create_backbone("resnet18", str(missing))
+    wrong = tmp_path / "resnet34.pth"
+    torch.save(torchvision_state("resnet34"), wrong)
+    with pytest.raises(CheckpointError, match="resnet34.pth.*do not fit"):
+        create_backbone("resnet18", str(wrong))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a weights file")
+    with pytest.raises(CheckpointError, match="garbage.safetensors"):
+        create_backbone("resnet18", str(garbage))
+    not_state = tmp_path / "list.pth"
+    torch.save([1, 2, 3], not_state)
+    with pytest.raises(CheckpointError, match="list.pth"):
+        create_backbone("resnet18", str(not_state))
