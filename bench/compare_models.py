@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,22 +48,36 @@ def build_data(root: Path, n_train: int, n_val: int, size: int, small: int, seed
     """Synthetic benchmark -> prepared -> shards, plus a small-train subset; cached in root."""
     raw = root / "raw"
     if not (raw / "annotations" / "instances_val.json").exists():
-        generate_synthetic(raw, n_train=n_train, n_val=n_val, size=size, seed=seed)
+        generate_synthetic(
+            raw,
+            n_train=n_train,
+            n_val=n_val,
+            size=size,
+            seed=seed,
+            workers=min(8, multiprocessing.cpu_count()),
+        )
     out = {}
     for split in ("train", "val"):
         prepared, shards = root / "prepared" / split, root / "shards" / split
         if not (shards / "_info.json").exists():
-            prepare_coco(raw / "annotations" / f"instances_{split}.json", raw / "images" / split,
-                         prepared)
+            prepare_coco(
+                raw / "annotations" / f"instances_{split}.json", raw / "images" / split, prepared
+            )
             write_shards(prepared, raw / "images" / split, shards, max_side=None, shard_size=500)
         out[split] = shards
     small_shards = root / "shards" / f"train-{small}"
     if not (small_shards / "_info.json").exists():
         manifest = read_manifest(root / "prepared" / "train")
-        write_manifest(root / "prepared" / f"train-{small}", manifest.classes,
-                       manifest.records()[:small])
-        write_shards(root / "prepared" / f"train-{small}", raw / "images" / "train", small_shards,
-                     max_side=None, shard_size=500)
+        write_manifest(
+            root / "prepared" / f"train-{small}", manifest.classes, manifest.records()[:small]
+        )
+        write_shards(
+            root / "prepared" / f"train-{small}",
+            raw / "images" / "train",
+            small_shards,
+            max_side=None,
+            shard_size=500,
+        )
     out["small"] = small_shards
     out["meta"] = json.loads((raw / "annotations" / "synth_meta.json").read_text())
     return out
@@ -72,102 +88,52 @@ def group_ap(per_class: dict[str, float], names: list[str]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def run_one(params: Params, train: Path, val: Path, out: Path, meta: dict, device) -> dict:
-    t0 = time.perf_counter()
-    result = fit(params, train, val, out)
-    seconds = time.perf_counter() - t0
+def run_one(params: Params, train: Path, val: Path, out: Path, meta: dict) -> dict:
+    """Train one model (no per-epoch validation), then evaluate raw and EMA weights on val."""
     from lcm.evaluate import load_model
 
+    device = select_device(params.train.device)
+    t0 = time.perf_counter()
+    result = fit(params, train, None, out)
+    seconds = time.perf_counter() - t0
+
     row = {"seconds": seconds, "epochs": params.train.epochs, "history": result.history}
-    loader = eval_loader(resolve_shards(val), batch_size=256, image_size=params.train.image_size,
-                         num_workers=params.train.num_workers)
+    loader = eval_loader(
+        resolve_shards(val),
+        batch_size=256,
+        image_size=params.train.image_size,
+        num_workers=params.train.num_workers,
+    )
     for which in ("raw", "ema"):
         model, m = load_model(out, which, device)
         _, scores, targets = predict(model, loader, device)
         res = evaluate_scores(scores, targets, m.classes)
         per_class = {c.name: c.ap for c in res.per_class}
-        lookalikes = [n for pair in meta["lookalike_pairs"] for n in pair]
-        row[which] = {"mAP": res.mAP, "lookalike_AP": group_ap(per_class, lookalikes),
-                      "tiny_AP": group_ap(per_class, list(meta["tiny_classes"])),
-                      "per_class": per_class}
+        lookalikes = [n for pair in meta["lookalike_pairs"] for n in pair["classes"]]
+        row[which] = {
+            "mAP": res.mAP,
+            "lookalike_AP": group_ap(per_class, lookalikes),
+            "tiny_AP": group_ap(per_class, list(meta["tiny_classes"])),
+            "per_class": per_class,
+        }
     return row
 
 
 def summarise(rows: list[dict], key: str, which: str = "raw") -> str:
-    vals = [100 * r[which][key] for r in rows]
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.mean(vals):.1f} ± {sd:.1f}"
+    vals = np.array([100 * r[which][key] for r in rows], dtype=float)
+    sd = float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return f"{float(np.nanmean(vals)):.1f} ± {sd:.1f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare")
-    ap.add_argument("--data", type=Path, default=None, help="data cache (default OUT/data)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--n-train", type=int, default=4000)
-    ap.add_argument("--n-val", type=int, default=1000)
-    ap.add_argument("--small", type=int, default=1000)
-    ap.add_argument("--size", type=int, default=96)
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--parts", nargs="+", default=["epochs", "compute", "small"])
-    ap.add_argument("--quick", action="store_true", help="tiny smoke settings")
-    args = ap.parse_args()
-    if args.quick:
-        args.seeds, args.epochs, args.n_train, args.n_val, args.small = [0, 1], 1, 256, 128, 128
-        args.batch_size, args.dim, args.size = 32, 64, 64
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    data = build_data(args.data or args.out / "data", args.n_train, args.n_val, args.size,
-                      args.small, seed=0)
-    device = select_device(args.device)
-    base = Params(
-        model=ModelConfig(arch="lcm", backbone=args.backbone, dim=args.dim, heads=8,
-                          ffn=2 * args.dim, depth=3),
-        loss=LossConfig(),
-        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, image_size=args.size,
-                          lr=args.lr, device=args.device, num_workers=args.workers,
-                          ema_decay=0.998),
-    )
-
-    def params_for(arch: str, seed: int, epochs: int) -> Params:
-        return replace(base, model=replace(base.model, arch=arch),
-                       train=replace(base.train, seed=seed, epochs=epochs))
-
-    # One step of each architecture, side by side: the exchange rate for "equal compute".
-    t_lcm = step_time(params_for("lcm", 0, 1), 6, device, len(data["meta"]["classes"]))
-    t_gap = step_time(params_for("gap", 0, 1), 6, device, len(data["meta"]["classes"]))
-    ratio = t_lcm / t_gap
-    log.info("training step: lcm %.4f s, gap %.4f s, ratio %.2f", t_lcm, t_gap, ratio)
-
-    runs: dict[str, list[dict]] = {}
-    plan = []
-    if "epochs" in args.parts:
-        plan += [("lcm", "equal epochs", data["train"], args.epochs),
-                 ("gap", "equal epochs", data["train"], args.epochs)]
-    if "compute" in args.parts:
-        plan += [("gap", "equal compute", data["train"], max(1, round(args.epochs * ratio)))]
-    if "small" in args.parts:
-        plan += [("lcm", f"{args.small} train images", data["small"], args.epochs),
-                 ("gap", f"{args.small} train images", data["small"], args.epochs)]
-    for arch, setting, train, epochs in plan:
-        for seed in args.seeds:
-            name = f"{setting.replace(' ', '-')}-{arch}-s{seed}"
-            log.info("run %s (%d epochs)", name, epochs)
-            row = run_one(params_for(arch, seed, epochs), train, data["val"],
-                          args.out / "runs" / name, data["meta"], device)
-            row.update(arch=arch, setting=setting, seed=seed)
-            runs.setdefault(f"{setting}|{arch}", []).append(row)
-            (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
+def write_table(args: argparse.Namespace, plan: list, runs: dict, ratio: float, device) -> str:
+    order = [f"{setting}|{arch}" for arch, setting, _, _ in plan]
+    runs = {k: sorted(runs[k], key=lambda r: r["seed"]) for k in order if k in runs}
 
     lines = [
         f"Synthetic benchmark, {args.n_train} train / {args.n_val} val images at {args.size} px, "
         f"{args.backbone} from scratch, batch {args.batch_size}, AdamW + OneCycle lr {args.lr}, "
-        f"seeds {args.seeds}, device {device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}).",
+        f"seeds {args.seeds}, {args.jobs} runs at a time on {_device_name(device)}; "
+        f"mAP of the final weights on the {args.n_val} val images.",
         f"Equal compute: one LCM step costs {ratio:.2f}x a gap step here, so gap trains "
         f"{max(1, round(args.epochs * ratio))} epochs against LCM's {args.epochs}.",
         "",
@@ -184,7 +150,127 @@ def main() -> None:
         )
     table = "\n".join(lines)
     (args.out / "table.md").write_text(table + "\n")
-    print(table)
+    return table
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare")
+    ap.add_argument("--data", type=Path, default=None, help="data cache (default OUT/data)")
+    ap.add_argument("--runs-dir", type=Path, default=None, help="model dirs (default OUT/runs)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--n-train", type=int, default=4000)
+    ap.add_argument("--n-val", type=int, default=1000)
+    ap.add_argument("--small", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument(
+        "--small-epochs",
+        type=int,
+        default=None,
+        help="epochs on the small set (default: as many steps as the full set)",
+    )
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (one GPU fits several)")
+    ap.add_argument("--parts", nargs="+", default=["epochs", "compute", "small"])
+    ap.add_argument("--quick", action="store_true", help="tiny smoke settings")
+    args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.epochs, args.n_train, args.n_val, args.small = [0, 1], 1, 256, 128, 128
+        args.batch_size, args.dim, args.size = 32, 64, 64
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = build_data(
+        args.data or args.out / "data", args.n_train, args.n_val, args.size, args.small, seed=0
+    )
+    device = select_device(args.device)
+    base = Params(
+        model=ModelConfig(
+            arch="lcm", backbone=args.backbone, dim=args.dim, heads=8, ffn=2 * args.dim, depth=3
+        ),
+        loss=LossConfig(),
+        train=TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            image_size=args.size,
+            lr=args.lr,
+            device=args.device,
+            num_workers=args.workers,
+            ema_decay=0.998,
+        ),
+    )
+
+    def params_for(arch: str, seed: int, epochs: int) -> Params:
+        return replace(
+            base,
+            model=replace(base.model, arch=arch),
+            train=replace(base.train, seed=seed, epochs=epochs),
+        )
+
+    # One step of each architecture, side by side: the exchange rate for "equal compute".
+    t_lcm = step_time(params_for("lcm", 0, 1), 6, device, len(data["meta"]["classes"]))
+    t_gap = step_time(params_for("gap", 0, 1), 6, device, len(data["meta"]["classes"]))
+    ratio = t_lcm / t_gap
+    log.info("training step: lcm %.4f s, gap %.4f s, ratio %.2f", t_lcm, t_gap, ratio)
+
+    runs: dict[str, list[dict]] = {}
+    plan = []
+    if "epochs" in args.parts:
+        plan += [
+            ("lcm", "equal epochs", data["train"], args.epochs),
+            ("gap", "equal epochs", data["train"], args.epochs),
+        ]
+    if "compute" in args.parts:
+        plan += [("gap", "equal compute", data["train"], max(1, round(args.epochs * ratio)))]
+    small_epochs = args.small_epochs or max(1, round(args.epochs * args.n_train / args.small))
+    if "small" in args.parts:
+        plan += [
+            ("lcm", f"{args.small} train images", data["small"], small_epochs),
+            ("gap", f"{args.small} train images", data["small"], small_epochs),
+        ]
+    jobs = [
+        (arch, setting, train, epochs, seed)
+        for arch, setting, train, epochs in plan
+        for seed in args.seeds
+    ]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        futures = {}
+        for arch, setting, train, epochs, seed in jobs:
+            name = f"{setting.replace(' ', '-')}-{arch}-s{seed}"
+            fut = pool.submit(
+                run_one,
+                params_for(arch, seed, epochs),
+                train,
+                data["val"],
+                (args.runs_dir or args.out / "runs") / name,
+                data["meta"],
+            )
+            futures[fut] = (arch, setting, seed, name)
+        for fut in as_completed(futures):
+            arch, setting, seed, name = futures[fut]
+            row = fut.result()
+            row.update(arch=arch, setting=setting, seed=seed)
+            log.info(
+                "done %s: mAP %.4f (ema %.4f) in %.0f s",
+                name,
+                row["raw"]["mAP"],
+                row["ema"]["mAP"],
+                row["seconds"],
+            )
+            runs.setdefault(f"{setting}|{arch}", []).append(row)
+            (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
+            write_table(args, plan, runs, ratio, device)
+    print(write_table(args, plan, runs, ratio, device))
 
 
 if __name__ == "__main__":

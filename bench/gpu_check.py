@@ -27,12 +27,27 @@ from lcm.engine import Ema, amp_dtype, build_optimizer, train_step  # noqa: E402
 from lcm.models import build_model  # noqa: E402
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
 def timed(fn, repeats: int, device: torch.device) -> float:
-    torch.cuda.synchronize(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize(device)
+    sync(device)
     return (time.perf_counter() - t0) / repeats
 
 
@@ -44,17 +59,25 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cuda", help="cpu only for a smoke test")
+    ap.add_argument("--backbone", default="resnet101")
     args = ap.parse_args()
-    device = torch.device("cuda")
-    torch.backends.cudnn.benchmark = True
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     C, S = 80, args.image_size
     base = Params(
-        model=ModelConfig(arch="lcm", backbone="resnet101"),
+        model=ModelConfig(arch="lcm", backbone=args.backbone),
         loss=LossConfig(beta=0.1),
-        train=TrainConfig(batch_size=args.train_batch, image_size=S, device="cuda", amp="bf16",
-                          channels_last=True, ema_decay=0.9997),
+        train=TrainConfig(
+            batch_size=args.train_batch,
+            image_size=S,
+            device=device.type,
+            amp="bf16",
+            channels_last=True,
+            ema_decay=0.9997,
+        ),
     )
     contenders = {
         "lcm (branch on, beta=0.1)": base,
@@ -62,8 +85,14 @@ def main() -> None:
         "gap baseline": replace(base, model=replace(base.model, arch="gap")),
     }
     dtype = amp_dtype("bf16", device)
-    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "image_size": S, "train": {}, "predict": {}}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report: dict = {
+        "device": name,
+        "torch": torch.__version__,
+        "image_size": S,
+        "train": {},
+        "predict": {},
+    }
 
     # ---- training steps
     setups = {}
@@ -73,7 +102,7 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last).train()
         opt = build_optimizer(model, p)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
         ema = Ema(model, p.train.ema_decay)
         x = torch.randn(args.train_batch, 3, S, S, device=device)
         y = (torch.rand(args.train_batch, C, device=device) < 0.05).float()
@@ -86,21 +115,24 @@ def main() -> None:
     times: dict[str, list[float]] = {n: [] for n in contenders}
     peaks: dict[str, float] = {}
     for name, (step, _) in setups.items():  # warm-up (cudnn autotune) and peak memory
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         for _ in range(3):
             step()
-        torch.cuda.synchronize(device)
-        peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30
+        peaks[name] = peak_gib(device)
     for _ in range(args.repeats):
         for name, (step, _) in setups.items():
             times[name].append(timed(step, args.steps, device))
     for name in contenders:
         t = statistics.median(times[name])
-        report["train"][name] = {"batch": args.train_batch, "s_per_step": t,
-                                 "images_per_s": args.train_batch / t,
-                                 "peak_gib_incl_other_models": peaks[name]}
+        report["train"][name] = {
+            "batch": args.train_batch,
+            "s_per_step": t,
+            "images_per_s": args.train_batch / t,
+            "peak_gib_incl_other_models": peaks[name],
+        }
     del setups
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     # ---- batch prediction
     preds = {}
@@ -110,30 +142,33 @@ def main() -> None:
         model = build_model(p.model, C, branch=False).to(device)
         model = model.to(memory_format=torch.channels_last).eval()
         x = torch.randn(args.infer_batch, 3, S, S, device=device).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
 
         @torch.inference_mode()
         def infer(model=model, x=x):
-            with torch.autocast("cuda", dtype=dtype):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None):
                 torch.sigmoid(model(x).logits.float())
 
         preds[name.split(" ")[0]] = infer
     ptimes: dict[str, list[float]] = {n: [] for n in preds}
     ppeaks = {}
     for name, fn in preds.items():
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         for _ in range(3):
             fn()
-        torch.cuda.synchronize(device)
-        ppeaks[name] = torch.cuda.max_memory_allocated(device) / 2**30
+        ppeaks[name] = peak_gib(device)
     for _ in range(args.repeats):
         for name, fn in preds.items():
             ptimes[name].append(timed(fn, args.steps, device))
     for name in preds:
         t = statistics.median(ptimes[name])
-        report["predict"][name] = {"batch": args.infer_batch, "s_per_batch": t,
-                                   "images_per_s": args.infer_batch / t,
-                                   "peak_gib_incl_other_models": ppeaks[name]}
+        report["predict"][name] = {
+            "batch": args.infer_batch,
+            "s_per_batch": t,
+            "images_per_s": args.infer_batch / t,
+            "peak_gib_incl_other_models": ppeaks[name],
+        }
     tr = report["train"]
     report["ratios"] = {
         "train_lcm_over_gap_time": tr["lcm (branch on, beta=0.1)"]["s_per_step"]

@@ -1,0 +1,541 @@
+"""Reading shards: locating them, and the train / eval loaders.
+
+Both loaders see the data as one stream of samples: the shards of an epoch in some order,
+each in file order. A loader is a list of batches, each batch a list of stream positions;
+worker ``w`` of ``W`` (PyTorch DataLoader processes) builds batches ``w, w + W, ...``. Because
+the DataLoader collects from its workers round-robin when ``batch_size=None``, batches arrive
+in exactly this order, whatever ``W``. A worker reads only the bytes of its own samples: it
+indexes a shard's tar headers once, then seeks to the members it needs.
+
+Training (:func:`train_loader`), per epoch:
+
+1. the shard order is a permutation drawn from ``(seed, epoch)``, identical on every rank;
+   with ``resample=True`` shards are drawn with replacement until the epoch is covered (ranks
+   still take disjoint positions of that stream, but a shard drawn twice repeats samples);
+2. each rank takes a contiguous run of ``n * batch_size`` positions of that stream, with
+   ``n = total // (world_size * batch_size)`` (the tail is dropped), so every rank has the
+   same number of batches and ranks see disjoint samples. Ranks split *samples*, not shards,
+   so any number of shards works for any number of ranks and workers;
+3. a rank's run is cut into windows of ``shuffle_window`` samples (whole batches) and each
+   window is permuted from ``(seed, epoch, rank, window)``; batch ``b`` is the ``b``-th
+   ``batch_size`` slice of the permuted run, and its flips come from ``(seed, epoch, rank, b)``.
+
+So batch ``b`` is a pure function of (seed, epoch, rank, world_size, b), independent of the
+number of workers, and ``skip_batches=k`` starts at batch ``k`` without touching earlier ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lcm.data.masks import LabelMask, read_mask
+from lcm.data.shard_writer import INFO_FILE, ShardInfo
+from lcm.data.transforms import Preset, decode_image, eval_transform, normalize, train_transform
+from lcm.errors import ConfigError, DataError
+
+ShardSource = str | Path | tuple[Sequence[Path], ShardInfo]
+
+# Distinct first words keep the random streams of the different draws apart.
+_ORDER, _WINDOW, _FLIP = 1, 2, 3
+_INDEX_CACHE = 8  # shard indexes a worker keeps at least
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
+class Batch(NamedTuple):
+    images: Tensor  # (B, 3, S, S) float32, normalised
+    targets: Tensor  # (B, C) float32 in {1 positive, 0 negative, -1 unknown}
+    keys: list[str]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.images.to(device, non_blocking=non_blocking),
+            self.targets.to(device, non_blocking=non_blocking),
+            self.keys,
+        )
+
+
+def load_info(shard_dir: Path) -> ShardInfo:
+    path = Path(shard_dir) / INFO_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run the shard stage (an interrupted run leaves none)")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    return ShardInfo.from_json(doc, path)
+
+
+def resolve_shards(spec: str | Path) -> tuple[list[Path], ShardInfo]:
+    """Shard files and their info from a shard directory or a glob of tars in one directory.
+
+    For a glob, the returned info's ``shards`` and ``total`` describe the matched subset.
+    """
+    root = Path(spec)
+    if root.is_dir():
+        info = load_info(root)
+        paths = [root / e.name for e in info.shards]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise DataError(f"{missing[0]}: listed in {root / INFO_FILE} but missing")
+        return paths, info
+    matches = sorted(
+        Path(m) for m in glob.glob(str(spec)) if Path(m).is_file() and Path(m).name != INFO_FILE
+    )
+    if not matches:
+        raise DataError(f"{spec}: no shard file matches this pattern")
+    folders = {m.parent.resolve() for m in matches}
+    if len(folders) > 1:
+        raise DataError(f"{spec}: matches shards in {len(folders)} directories; use one")
+    folder = matches[0].parent
+    info = load_info(folder)
+    listed = {e.name for e in info.shards}
+    unlisted = [m for m in matches if m.name not in listed]
+    if unlisted:
+        raise DataError(
+            f"{folder / INFO_FILE}: does not list {unlisted[0].name}, matched by {spec}"
+        )
+    names = {m.name for m in matches}
+    entries = tuple(e for e in info.shards if e.name in names)
+    subset = dataclasses.replace(info, shards=entries, total=sum(e.count for e in entries))
+    return [folder / e.name for e in entries], subset
+
+
+@dataclass(frozen=True)
+class _Member:
+    key: str
+    jpg: tuple[int, int]  # (offset, size) of the data in the tar file
+    meta: tuple[int, int]
+
+
+def _index_shard(path: Path, expected: int) -> list[_Member]:
+    """Per-sample member offsets, from the tar headers alone (the data is seeked over)."""
+    parts: dict[str, dict[str, tuple[int, int]]] = {}
+    for name, offset, size in _scan_tar(path):
+        key, _, ext = name.partition(".")
+        parts.setdefault(key, {})[ext] = (offset, size)
+    members = []
+    for key, found in parts.items():  # dicts keep insertion order: the file order
+        if "jpg" not in found or "json" not in found:
+            raise DataError(f"{path}: sample {key!r} lacks its .jpg or .json member")
+        members.append(_Member(key, found["jpg"], found["json"]))
+    if len(members) != expected:
+        raise DataError(
+            f"{path}: holds {len(members)} samples but {INFO_FILE} lists {expected}; "
+            "rerun the shard stage"
+        )
+    return members
+
+
+def _scan_tar(path: Path) -> Iterator[tuple[str, int, int]]:
+    """``(name, data offset, size)`` of each regular file in an uncompressed tar.
+
+    Reads only the 512-byte headers, several times faster than ``tarfile``, whose per-member
+    overhead would otherwise rival decoding the images. Understands ustar, pax (``path``)
+    and GNU long names, which covers tars written by ``tarfile`` and WebDataset.
+    """
+    try:
+        file_size = path.stat().st_size
+        f = open(path, "rb")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise DataError(f"{path}: cannot open shard ({e.strerror or e})") from e
+    with f:
+        try:
+            yield from _scan_open_tar(f, file_size, path)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: corrupt tar header ({e})") from e
+
+
+def _scan_open_tar(f: IO[bytes], file_size: int, path: Path) -> Iterator[tuple[str, int, int]]:
+    offset, long_name = 0, None
+    while True:
+        f.seek(offset)
+        hdr = f.read(_BLOCK)
+        if not hdr or hdr == _ZERO_BLOCK:  # end of archive
+            return
+        if len(hdr) < _BLOCK or _tar_int(hdr[148:156]) != _tar_checksum(hdr):
+            raise DataError(f"{path}: corrupt or truncated tar header at byte {offset}")
+        size, kind, data = _tar_int(hdr[124:136]), hdr[156:157], offset + _BLOCK
+        if data + size > file_size:
+            raise DataError(f"{path}: truncated (member at byte {offset} runs past the end)")
+        if kind in (b"x", b"L"):  # pax extended header / GNU long name for the next member
+            ext = f.read(size)
+            long_name = _pax_path(ext) if kind == b"x" else ext.rstrip(b"\0").decode()
+        elif kind in (b"0", b"\0"):
+            name = hdr[:100].rstrip(b"\0").decode()
+            prefix = hdr[345:500].rstrip(b"\0").decode() if hdr[257:262] == b"ustar" else ""
+            yield long_name or (f"{prefix}/{name}" if prefix else name), data, size
+            long_name = None
+        offset = data + -(-size // _BLOCK) * _BLOCK
+
+
+def _tar_int(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for values beyond the octal range
+        return int.from_bytes(field[1:], "big")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _tar_checksum(hdr: bytes) -> int:
+    return sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])  # the checksum field counts as spaces
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` value of pax records (``"<len> key=value\\n"`` each), if any."""
+    pos, found = 0, None
+    while pos < len(records):
+        length = int(records[pos : records.index(b" ", pos)])
+        key, _, value = records[records.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            found = value.decode()
+        pos += length
+    return found
+
+
+class _ShardReader:
+    """Reads chosen samples of chosen shards, keeping the few most recent shard indexes."""
+
+    def __init__(self, paths: Sequence[Path], counts: Sequence[int], window: int) -> None:
+        self.paths, self.counts = paths, counts
+        # enough for every shard one shuffle window can touch, so a window never re-indexes
+        self.capacity = max(_INDEX_CACHE, math.ceil(window / max(1, min(counts, default=1))) + 2)
+        self._index: OrderedDict[int, list[_Member]] = OrderedDict()
+
+    def members(self, shard: int) -> list[_Member]:
+        if shard in self._index:
+            self._index.move_to_end(shard)
+        else:
+            self._index[shard] = _index_shard(self.paths[shard], self.counts[shard])
+            if len(self._index) > self.capacity:
+                self._index.popitem(last=False)
+        return self._index[shard]
+
+    def read(self, shards: np.ndarray, ordinals: np.ndarray) -> list[tuple[str, bytes, dict]]:
+        """``(key, jpg bytes, metadata)`` for each (shard, ordinal) pair, in the given order."""
+        got: dict[tuple[int, int], tuple[str, bytes, dict]] = {}
+        for shard in np.unique(shards).tolist():
+            path, members = self.paths[shard], self.members(shard)
+            with open(path, "rb") as f:
+                for o in sorted(set(ordinals[shards == shard].tolist())):
+                    m = members[o]
+                    f.seek(m.jpg[0])
+                    jpg = f.read(m.jpg[1])
+                    f.seek(m.meta[0])
+                    try:
+                        meta = json.loads(f.read(m.meta[1]))
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        raise DataError(f"{path}: sample {m.key!r} has bad metadata ({e})") from e
+                    got[(shard, o)] = (m.key, jpg, meta)
+        return [got[(s, o)] for s, o in zip(shards.tolist(), ordinals.tolist(), strict=True)]
+
+
+def check_mask_matches(mask: Path, shards: Sequence[Path], info: ShardInfo) -> LabelMask:
+    """Read ``mask`` and check it covers every key of ``shards`` with the same class count.
+
+    The result is remembered while the files are unchanged, so building a loader every epoch
+    reads the mask and the shard headers once.
+    """
+    stamps = tuple(_stamp(p) for p in (Path(mask), *shards))
+    return _checked_mask(Path(mask), tuple(shards), info, stamps)
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), -1, -1)  # read_mask / the shard index report the missing file
+    return (str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _checked_mask(
+    mask: Path, shards: tuple[Path, ...], info: ShardInfo, stamps: tuple[tuple[str, int, int], ...]
+) -> LabelMask:
+    labels = read_mask(mask)
+    if labels.num_classes != info.num_classes:
+        raise DataError(
+            f"{mask}: has {labels.num_classes} classes but the shards have {info.num_classes}"
+        )
+    for path, entry in zip(shards, info.shards, strict=True):
+        absent = [m.key for m in _index_shard(path, entry.count) if m.key not in labels]
+        if absent:
+            raise DataError(
+                f"{mask}: has no row for {len(absent)} keys of {path} (first {absent[0]!r}); "
+                "was it made from the prepared split these shards came from?"
+            )
+    return labels
+
+
+class _Plan:
+    """Which stream positions form batch ``b``, and where each position lives."""
+
+    window = 1  # stream positions a batch's samples may be drawn from
+
+    def __init__(self, order: Sequence[int], counts: Sequence[int], num_batches: int) -> None:
+        self.order = np.asarray(order, dtype=np.int64)  # shard index of each stream slot
+        self.starts = np.concatenate([[0], np.cumsum(np.asarray(counts)[self.order])])
+        self.num_batches = num_batches
+
+    def positions(self, b: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def generator(self, b: int) -> torch.Generator | None:
+        return None
+
+    def locate(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        slot = np.searchsorted(self.starts, pos, side="right") - 1
+        return self.order[slot], pos - self.starts[slot]  # (shard, ordinal in shard)
+
+
+class _EvalPlan(_Plan):
+    def __init__(self, counts: Sequence[int], batch_size: int) -> None:
+        total = int(sum(counts))
+        super().__init__(range(len(counts)), counts, math.ceil(total / batch_size))
+        self.total, self.batch_size = total, batch_size
+        self.window = batch_size
+
+    def positions(self, b: int) -> np.ndarray:
+        return np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.total))
+
+
+class _TrainPlan(_Plan):
+    def __init__(
+        self,
+        counts: Sequence[int],
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        resample: bool,
+        window: int,
+    ) -> None:
+        num_batches = int(sum(counts)) // (world_size * batch_size)
+        self.per_rank = num_batches * batch_size
+        rng = np.random.default_rng([_ORDER, seed, epoch])  # the same on every rank
+        if resample:
+            order: list[int] = []
+            covered, need = 0, self.per_rank * world_size
+            while covered < need:
+                order.append(int(rng.integers(len(counts))))
+                covered += counts[order[-1]]
+        else:
+            order = rng.permutation(len(counts)).tolist()
+        super().__init__(order, counts, num_batches)
+        self.batch_size, self.seed, self.epoch, self.rank = batch_size, seed, epoch, rank
+        self.base = rank * self.per_rank
+        self.window = math.ceil(window / batch_size) * batch_size
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def positions(self, b: int) -> np.ndarray:
+        start = b * self.batch_size
+        w = start // self.window
+        lo = w * self.window
+        if self._perm is None or self._perm[0] != w:
+            rng = np.random.default_rng([_WINDOW, self.seed, self.epoch, self.rank, w])
+            self._perm = (w, rng.permutation(min(self.window, self.per_rank - lo)))
+        return self.base + lo + self._perm[1][start - lo : start - lo + self.batch_size]
+
+    def generator(self, b: int) -> torch.Generator:
+        seq = np.random.SeedSequence([_FLIP, self.seed, self.epoch, self.rank, b])
+        return torch.Generator().manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
+
+
+_RawBatch = tuple[np.ndarray, np.ndarray, list[str]]  # uint8 (B, 3, S, S), float (B, C), keys
+
+
+class _BatchStream(IterableDataset):
+    """Yields batches ``first + w, first + w + W, ...`` in worker ``w`` of ``W``.
+
+    Images leave the workers as uint8 numpy arrays and are normalised by the receiving
+    process: a quarter of the bytes of float32, and numpy arrays are pickled through the
+    worker's pipe, which measured cheaper than a new shared-memory segment per batch (what
+    torch tensors get).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        info: ShardInfo,
+        plan: _Plan,
+        image_size: int,
+        augment: bool,
+        mask: LabelMask | None,
+        first: int,
+    ) -> None:
+        self.paths, self.counts = list(paths), [e.count for e in info.shards]
+        self.num_classes = info.num_classes
+        self.plan, self.mask, self.first = plan, mask, first
+        self.augment, self.image_size = augment, image_size
+
+    def __iter__(self) -> Iterator[_RawBatch]:
+        worker = get_worker_info()
+        wid, nw = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        if worker is not None:
+            torch.set_num_threads(1)  # the workers already fill the cores
+        reader = _ShardReader(self.paths, self.counts, self.plan.window)
+        size = self.image_size
+        preset = train_transform(size) if self.augment else eval_transform(size)
+        for b in range(self.first + wid, self.plan.num_batches, nw):
+            yield self._batch(b, reader, preset)
+
+    def _batch(self, b: int, reader: _ShardReader, preset: Preset) -> _RawBatch:
+        shards, ordinals = self.plan.locate(self.plan.positions(b))
+        samples = reader.read(shards, ordinals)
+        gen = self.plan.generator(b) if self.augment else None
+        n, size = len(samples), self.image_size
+        pixels = torch.empty((n, 3, size, size), dtype=torch.uint8)  # (B, 3, S, S)
+        targets = np.zeros((n, self.num_classes), np.float32)  # (B, C)
+        for i, ((key, jpg, meta), shard) in enumerate(zip(samples, shards.tolist(), strict=True)):
+            where = f"{self.paths[shard]}: sample {key!r}"
+            try:
+                img = decode_image(jpg)  # (3, H, W) uint8
+            except RuntimeError as e:
+                raise DataError(f"{where}: cannot decode its JPEG ({e})") from e
+            pixels[i] = preset.pixels(img, gen)
+            try:
+                targets[i, meta["ignore"]] = -1.0
+                targets[i, meta["labels"]] = 1.0
+            except (KeyError, IndexError, TypeError) as e:
+                raise DataError(f"{where}: bad labels in its metadata ({e!r})") from e
+            if self.mask is not None:
+                if key not in self.mask:
+                    raise DataError(f"{self.mask.path}: has no row for {where}")
+                targets[i, ~self.mask[key]] = -1.0
+        return pixels.numpy(), targets, [s[0] for s in samples]
+
+
+class _Loader:
+    def __init__(self, stream: _BatchStream, num_workers: int, pin_memory: bool) -> None:
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+
+    def __iter__(self) -> Iterator[Batch]:
+        pin = self.pin_memory and torch.cuda.is_available()
+        loader = DataLoader(
+            self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is
+        )
+        for pixels, targets, keys in loader:
+            pixels, targets = torch.from_numpy(pixels), torch.from_numpy(targets)
+            images = torch.empty(pixels.shape, dtype=torch.float32, pin_memory=pin)
+            normalize(pixels, out=images)  # (B, 3, S, S)
+            yield Batch(images, targets.pin_memory() if pin else targets, keys)
+
+
+def _as_is(batch: _RawBatch) -> _RawBatch:
+    """Collate that leaves numpy as numpy (the default would make shared-memory tensors)."""
+    return batch
+
+
+class TrainLoader(_Loader):
+    """One epoch of one rank. ``len()`` is the batches per epoch (the same on every rank),
+    also when ``skip_batches`` makes the iterator start later; ``remaining`` is what it yields."""
+
+    def __len__(self) -> int:
+        return self.stream.plan.num_batches
+
+    @property
+    def remaining(self) -> int:
+        return self.stream.plan.num_batches - self.stream.first
+
+
+class EvalLoader(_Loader):
+    """Every sample once, in shard order; the last batch may be smaller."""
+
+    def __len__(self) -> int:
+        return self.stream.plan.num_batches
+
+
+def train_loader(
+    shards: ShardSource,
+    *,
+    batch_size: int,
+    image_size: int,
+    seed: int,
+    epoch: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    mask: Path | None = None,
+    augment: bool = True,
+    resample: bool = False,
+    skip_batches: int = 0,
+    shuffle_window: int = 2048,
+    pin_memory: bool = False,
+) -> TrainLoader:
+    """The training batches of ``rank`` for ``epoch`` (see the module docstring).
+
+    ``mask``: a partial-label mask file; its unknown targets become -1. It is checked against
+    the shards' keys and class count here, before any training starts.
+    """
+    paths, info = _resolve(shards)
+    _check_positive(
+        batch_size=batch_size,
+        image_size=image_size,
+        world_size=world_size,
+        shuffle_window=shuffle_window,
+    )
+    _check_non_negative(seed=seed, epoch=epoch, num_workers=num_workers)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
+    counts = [e.count for e in info.shards]
+    plan = _TrainPlan(counts, batch_size, seed, epoch, rank, world_size, resample, shuffle_window)
+    if plan.num_batches == 0:
+        where = paths[0].parent if paths else shards
+        raise ConfigError(
+            f"{where}: {info.total} samples cannot fill one batch of {batch_size} "
+            f"on each of {world_size} ranks"
+        )
+    if not 0 <= skip_batches <= plan.num_batches:
+        raise ConfigError(f"skip_batches {skip_batches} is outside 0..{plan.num_batches}")
+    labels = check_mask_matches(mask, paths, info) if mask is not None else None
+    stream = _BatchStream(paths, info, plan, image_size, augment, labels, skip_batches)
+    return TrainLoader(stream, num_workers, pin_memory)
+
+
+def eval_loader(
+    shards: ShardSource,
+    *,
+    batch_size: int,
+    image_size: int,
+    num_workers: int,
+    pin_memory: bool = False,
+) -> EvalLoader:
+    """Every sample exactly once, in shard order, in batches of ``batch_size``."""
+    paths, info = _resolve(shards)
+    _check_positive(batch_size=batch_size, image_size=image_size)
+    _check_non_negative(num_workers=num_workers)
+    plan = _EvalPlan([e.count for e in info.shards], batch_size)
+    stream = _BatchStream(paths, info, plan, image_size, False, None, 0)
+    return EvalLoader(stream, num_workers, pin_memory)
+
+
+def _resolve(shards: ShardSource) -> tuple[list[Path], ShardInfo]:
+    if isinstance(shards, tuple):
+        paths, info = shards
+        return list(paths), info
+    return resolve_shards(shards)
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if v < 1:
+            raise ConfigError(f"{name} must be positive, got {v}")
+
+
+def _check_non_negative(**values: int) -> None:
+    for name, v in values.items():
+        if v < 0:
+            raise ConfigError(f"{name} must be >= 0, got {v}")

@@ -1,0 +1,81 @@
+"""Image decoding and the train/eval presets (one place, so model.json can record them).
+
+Images arrive as JPEG bytes from the shards. Both presets resize straight to a square
+``size x size`` (no crop: in multi-label recognition a crop can remove the very objects an
+image is labelled with), then normalise with the ImageNet statistics. Training adds only a
+random horizontal flip, for the same reason. The flip draws from an explicit
+``torch.Generator`` so a data loader can make it a pure function of (seed, epoch, batch) and
+resume mid-epoch exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F
+
+from lcm.errors import ConfigError
+
+# ImageNet channel statistics, the convention of the torchvision backbones.
+MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+_MEAN_255 = torch.tensor(MEAN).view(3, 1, 1) * 255.0  # (3, 1, 1), on the 0..255 scale
+_INV_STD_255 = 1.0 / (torch.tensor(STD).view(3, 1, 1) * 255.0)
+
+
+def decode_image(data: bytes) -> Tensor:
+    """JPEG bytes -> uint8 ``(3, H, W)`` RGB; grayscale and CMYK are converted.
+
+    Raises ``RuntimeError`` (torchvision's) on data that is not a complete JPEG; the caller
+    knows which file it came from and turns it into a ``DataError``.
+    """
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # bytearray: writable, no warning
+    return decode_jpeg(raw, mode=ImageReadMode.RGB)
+
+
+def resize_square(img: Tensor, size: int) -> Tensor:
+    """uint8 ``(3, H, W)`` -> uint8 ``(3, size, size)``, bilinear with antialiasing."""
+    return F.resize(img, [size, size], antialias=True)
+
+
+def normalize(img: Tensor, out: Tensor | None = None) -> Tensor:
+    """uint8 ``(..., 3, H, W)`` -> float32 ``(x / 255 - MEAN) / STD``, optionally into ``out``.
+
+    Cheapest on a whole batch: the broadcast arithmetic has a per-call cost that dominates on
+    single small images.
+    """
+    x = img.to(torch.float32) if out is None else out.copy_(img)
+    return x.sub_(_MEAN_255).mul_(_INV_STD_255)
+
+
+class Preset:
+    """uint8 ``(3, H, W)`` -> float32 ``(3, size, size)``: square resize, optional flip,
+    normalisation. :meth:`pixels` is the uint8 part, so a loader can resize images one by one
+    and normalise the whole batch in one go."""
+
+    def __init__(self, size: int, flip_p: float) -> None:
+        if size < 1:
+            raise ConfigError(f"image size must be a positive number of pixels, got {size}")
+        self.size, self.flip_p = size, flip_p
+
+    def pixels(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        x = resize_square(img, self.size)  # (3, S, S) uint8
+        # eval draws nothing, so it never disturbs the caller's random stream
+        if self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p:
+            x = x.flip(-1)
+        return x
+
+    def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return normalize(self.pixels(img, generator))
+
+
+def eval_transform(size: int) -> Preset:
+    """Resize to ``size x size`` and normalise; nothing random."""
+    return Preset(size, flip_p=0.0)
+
+
+def train_transform(size: int, flip_p: float = 0.5) -> Preset:
+    """Like :func:`eval_transform` plus a horizontal flip with probability ``flip_p``, drawn
+    from the ``generator`` passed at call time (the global torch RNG when ``None``)."""
+    return Preset(size, flip_p=flip_p)
