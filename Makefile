@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
 # Project-local state for DVC and Prefect (never in folders DVC stages depend on).
 export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site-cache
 export PREFECT_HOME := $(CURDIR)/.prefect

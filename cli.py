@@ -79,7 +79,12 @@ def data_synth(
 
     with progress_bar("rendering") as update:
         summary = generate_synthetic(
-            out_dir, n_train=n_train, n_val=n_val, size=size, seed=seed, progress=update,
+            out_dir,
+            n_train=n_train,
+            n_val=n_val,
+            size=size,
+            seed=seed,
+            progress=update,
             workers=workers,
         )
     out.print(str(summary))
@@ -193,7 +198,9 @@ def _mask_for(params: Any, mask: Path | None) -> Path | None:
 def train(
     shards: Annotated[str, typer.Option(help="Train shard directory or glob.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Model directory.")],
-    val_shards: Annotated[str | None, typer.Option(help="Validation shards (per-epoch mAP).")] = None,
+    val_shards: Annotated[
+        str | None, typer.Option(help="Validation shards (per-epoch mAP).")
+    ] = None,
     no_val: Annotated[bool, typer.Option("--no-val", help="Skip per-epoch validation.")] = False,
     params_file: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
     overrides: Annotated[
@@ -236,9 +243,14 @@ def train(
     from flows.train import train_flow
 
     history = train_flow(
-        params=to_dict(params), train_shards=shards, val_shards=val, out_dir=str(out_dir),
-        mask=str(mask) if mask else None, resume=resume,
-        live_dir=str(live) if live else None, nproc=nproc,
+        params=to_dict(params),
+        train_shards=shards,
+        val_shards=val,
+        out_dir=str(out_dir),
+        mask=str(mask) if mask else None,
+        resume=resume,
+        live_dir=str(live) if live else None,
+        nproc=nproc,
     )
     if history:
         last = history[-1]
@@ -247,8 +259,14 @@ def train(
 
 
 def _train_rank(
-    params: Any, shards: str, val: str | None, out_dir: Path, mask: Path | None,
-    resume: bool, live: Path | None, record_keys: bool,
+    params: Any,
+    shards: str,
+    val: str | None,
+    out_dir: Path,
+    mask: Path | None,
+    resume: bool,
+    live: Path | None,
+    record_keys: bool,
 ) -> None:
     import torch.distributed as tdist
 
@@ -259,8 +277,17 @@ def _train_rank(
     device = select_device(params.train.device)
     tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        run_fit(params, shards, val, out_dir, mask=mask, resume=resume, live_dir=live,
-                dist=dist, record_keys=record_keys)
+        run_fit(
+            params,
+            shards,
+            val,
+            out_dir,
+            mask=mask,
+            resume=resume,
+            live_dir=live,
+            dist=dist,
+            record_keys=record_keys,
+        )
     finally:
         tdist.destroy_process_group()
 
@@ -290,8 +317,14 @@ def evaluate(
     if weights not in ("raw", "ema"):
         raise typer.BadParameter("expected raw or ema", param_hint="--weights")
     metrics = evaluate_flow(
-        checkpoint=str(checkpoint), shards=shards, out_dir=str(out_dir), weights=weights,
-        batch_size=batch_size, num_workers=num_workers, device=device, calibrate=calibrate,
+        checkpoint=str(checkpoint),
+        shards=shards,
+        out_dir=str(out_dir),
+        weights=weights,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        calibrate=calibrate,
     )
     out.print(
         f"{metrics['n_images']} images: mAP {metrics['mAP']:.4f}  CF1 {metrics['CF1']:.4f}  "

@@ -92,6 +92,7 @@ def run_one(params: Params, train: Path, val: Path, out: Path, meta: dict) -> di
     """Train one model (no per-epoch validation), then evaluate raw and EMA weights on val."""
     from lcm.evaluate import load_model
 
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{out.name}] %(message)s")
     device = select_device(params.train.device)
     t0 = time.perf_counter()
     result = fit(params, train, None, out)
@@ -137,7 +138,8 @@ def write_table(args: argparse.Namespace, plan: list, runs: dict, ratio: float, 
         f"Equal compute: one LCM step costs {ratio:.2f}x a gap step here, so gap trains "
         f"{max(1, round(args.epochs * ratio))} epochs against LCM's {args.epochs}.",
         "",
-        "| setting | model | epochs | mAP (raw) | mAP (EMA) | look-alike AP | tiny AP | train time (s) |",
+        "| setting | model | epochs | mAP (raw) | mAP (EMA) | look-alike AP | tiny AP "
+        "| train time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, rows in runs.items():
@@ -172,6 +174,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=None, help="default: 2 * dim")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument(
@@ -187,6 +190,8 @@ def main() -> None:
     if args.quick:
         args.seeds, args.epochs, args.n_train, args.n_val, args.small = [0, 1], 1, 256, 128, 128
         args.batch_size, args.dim, args.size = 32, 64, 64
+    if args.ffn is None:
+        args.ffn = 2 * args.dim
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     data = build_data(

@@ -31,8 +31,14 @@ def evaluate_flow(
     calibrate: bool = True,
 ) -> dict[str, Any]:
     request = EvaluateRequest(
-        checkpoint=Path(checkpoint), shards=shards, out_dir=Path(out_dir), weights=weights,
-        batch_size=batch_size, num_workers=num_workers, device=device, calibrate=calibrate,
+        checkpoint=Path(checkpoint),
+        shards=shards,
+        out_dir=Path(out_dir),
+        weights=weights,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        calibrate=calibrate,
     )
     metrics = evaluate_model(request)
     headline = {k: v for k, v in metrics.items() if isinstance(v, int | float)}

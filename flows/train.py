@@ -43,30 +43,73 @@ def run_fit(
     dist = dist or Dist()
     if progress is None and dist.main and sys.stderr.isatty():
         with _progress_bar() as bar:
-            return run_fit(params, train_shards, val_shards, out_dir, mask=mask, resume=resume,
-                           live_dir=live_dir, progress=bar, dist=dist, record_keys=record_keys)
+            return run_fit(
+                params,
+                train_shards,
+                val_shards,
+                out_dir,
+                mask=mask,
+                resume=resume,
+                live_dir=live_dir,
+                progress=bar,
+                dist=dist,
+                record_keys=record_keys,
+            )
     if live_dir is None or not dist.main:
-        return fit(params, train_shards, val_shards, out_dir, mask=mask, resume=resume,
-                   progress=progress, dist=dist, record_keys=record_keys)
+        return fit(
+            params,
+            train_shards,
+            val_shards,
+            out_dir,
+            mask=mask,
+            resume=resume,
+            progress=progress,
+            dist=dist,
+            record_keys=record_keys,
+        )
     from dvclive import Live
 
-    with Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    with Live(
+        dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None
+    ) as live:
+
         def on_epoch(_epoch: int, row: dict[str, float]) -> None:
             for key, value in row.items():
                 if key not in ("epoch", "step"):
                     live.log_metric(key, value)
             live.next_step()
 
-        return fit(params, train_shards, val_shards, out_dir, mask=mask, resume=resume,
-                   on_epoch=on_epoch, progress=progress, dist=dist, record_keys=record_keys)
+        return fit(
+            params,
+            train_shards,
+            val_shards,
+            out_dir,
+            mask=mask,
+            resume=resume,
+            on_epoch=on_epoch,
+            progress=progress,
+            dist=dist,
+            record_keys=record_keys,
+        )
 
 
 @contextlib.contextmanager
 def _progress_bar() -> Iterator[Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
+    with Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as bar:
         task_id = bar.add_task("train", total=None)
         yield lambda done, total: bar.update(task_id, completed=done, total=total)
 
@@ -101,14 +144,27 @@ def train_model(
     cfg = params_from_dict(params)
     if nproc > 1:
         return _launch_torchrun(cfg, train_shards, val_shards, out, mask, resume, live_dir, nproc)
-    result = run_fit(cfg, train_shards, val_shards, out, mask=Path(mask) if mask else None,
-                     resume=resume, live_dir=Path(live_dir) if live_dir else None)
+    result = run_fit(
+        cfg,
+        train_shards,
+        val_shards,
+        out,
+        mask=Path(mask) if mask else None,
+        resume=resume,
+        live_dir=Path(live_dir) if live_dir else None,
+    )
     return result.history
 
 
 def _launch_torchrun(
-    cfg: Params, train_shards: str, val_shards: str | None, out: Path, mask: str | None,
-    resume: bool, live_dir: str | None, nproc: int,
+    cfg: Params,
+    train_shards: str,
+    val_shards: str | None,
+    out: Path,
+    mask: str | None,
+    resume: bool,
+    live_dir: str | None,
+    nproc: int,
 ) -> list[dict[str, float]]:
     """Start ``nproc`` DDP ranks with torchrun, each running `lcm train` on its share."""
     import json
@@ -118,9 +174,21 @@ def _launch_torchrun(
     out.mkdir(parents=True, exist_ok=True)
     params_file = out / "params.resolved.yaml"
     params_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(CLI), "train", "--params", str(params_file),
-           "--shards", train_shards, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(CLI),
+        "train",
+        "--params",
+        str(params_file),
+        "--shards",
+        train_shards,
+        "--out",
+        str(out),
+    ]
     cmd += ["--val-shards", val_shards] if val_shards else ["--no-val"]
     cmd += ["--mask", mask] if mask else []
     cmd += ["--live-dir", live_dir] if live_dir else ["--no-live"]
@@ -144,8 +212,9 @@ def train_flow(
 ) -> list[dict[str, float]]:
     history = train_model(params, train_shards, val_shards, out_dir, mask, resume, live_dir, nproc)
     if history:
-        create_table_artifact(key="train-history", table=history,
-                              description=f"per-epoch metrics of {out_dir}")
+        create_table_artifact(
+            key="train-history", table=history, description=f"per-epoch metrics of {out_dir}"
+        )
         last = history[-1]
         lines = [f"# Training run `{out_dir}`", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in last.items()]

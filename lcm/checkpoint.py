@@ -15,7 +15,6 @@ previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from lcm.config import ModelConfig, build_section
 from lcm.errors import CheckpointError
+from lcm.io import atomic_path, atomic_write_json
 
 MODEL_JSON = "model.json"
 RAW_WEIGHTS = "model.safetensors"
@@ -63,13 +63,8 @@ class ModelMeta:
 
 
 def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -86,13 +81,15 @@ def save_model(
     _atomic(out_dir / RAW_WEIGHTS, lambda p: save_file(_plain_state(model), str(p)))
     if ema is not None:
         _atomic(out_dir / EMA_WEIGHTS, lambda p: save_file(_plain_state(ema), str(p)))
-    write_json_atomic(out_dir / MODEL_JSON, meta.to_json())
+    atomic_write_json(out_dir / MODEL_JSON, meta.to_json())
 
 
 def load_meta(model_dir: Path) -> ModelMeta:
     path = Path(model_dir) / MODEL_JSON
     if not path.is_file():
-        raise CheckpointError(f"{path}: not found; is {model_dir} a model directory from `lcm train`?")
+        raise CheckpointError(
+            f"{path}: not found; is {model_dir} a model directory from `lcm train`?"
+        )
     try:
         raw = json.loads(path.read_text())
         model = build_section(ModelConfig, raw["model"], f"{path}:model")

@@ -99,7 +99,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = 64
-    calibrate: bool = True
+    # Which weights `lcm evaluate` reports; fixed up front, never the better of the two.
+    weights: Literal["raw", "ema"] = "raw"
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,9 @@ def build_section(cls: type, raw: Any, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})"
+        )
     kwargs = {}
     for key, value in raw.items():
         tp = hints[key]
@@ -199,7 +202,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return fix(dataclasses.asdict(cfg))
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+def apply_overrides(
+    raw: dict[str, Any], overrides: list[str], source: str = "--set"
+) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw params mapping."""
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:

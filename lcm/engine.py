@@ -29,6 +29,7 @@ from lcm.config import Params, to_dict
 from lcm.data.shards import eval_loader, resolve_shards, train_loader
 from lcm.data.transforms import MEAN, STD
 from lcm.errors import ConfigError
+from lcm.io import atomic_write_json
 from lcm.metrics import evaluate_scores
 from lcm.models import build_model
 from lcm.models.losses import compute_loss
@@ -215,15 +216,24 @@ def fit(
     if val_shards is not None:
         val = val_paths, val_info = resolve_shards(val_shards)
         if tuple(val_info.classes) != classes:
-            raise ConfigError(f"{val_shards}: the validation shards have other classes than {train_shards}")
+            raise ConfigError(
+                f"{val_shards}: the validation shards have other classes than {train_shards}"
+            )
     if resume:
         ckpt.check_compatible(out_dir, params.model, classes)
 
     def make_train(epoch: int, skip: int) -> Any:
         return train_loader(
-            (shard_paths, info), batch_size=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
-            epoch=epoch, num_workers=cfg.num_workers, rank=dist.rank,
-            world_size=dist.world_size, mask=mask, skip_batches=skip,
+            (shard_paths, info),
+            batch_size=cfg.batch_size,
+            image_size=cfg.image_size,
+            seed=cfg.seed,
+            epoch=epoch,
+            num_workers=cfg.num_workers,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            mask=mask,
+            skip_batches=skip,
         )
 
     steps_per_epoch = len(make_train(0, 0))
@@ -262,13 +272,18 @@ def fit(
     net: nn.Module = model
     if dist.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
-            model, find_unused_parameters=params.loss.alpha == 0  # aux head then gets no gradient
+            model,
+            find_unused_parameters=params.loss.alpha == 0,  # aux head then gets no gradient
         )
     if cfg.compile:
         net = torch.compile(net)
 
     meta = ckpt.ModelMeta(
-        model=params.model, classes=classes, image_size=cfg.image_size, mean=MEAN, std=STD,
+        model=params.model,
+        classes=classes,
+        image_size=cfg.image_size,
+        mean=MEAN,
+        std=STD,
         extra={"params": to_dict(params), "weights": "raw"},
     )
 
@@ -277,21 +292,42 @@ def fit(
             return
         ckpt.save_model(out_dir, model, meta, ema.module if ema else None)
         keys = sorted({k for row in history for k in row})
-        ckpt.save_state(out_dir, {
-            "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema else None, "epoch": epoch, "batch": batch,
-            "step": step, "rng": ckpt.rng_state(), "history_keys": keys,
-            "loss_sum": loss_sum, "loss_count": loss_count,
-            "history": [[float(row.get(k, math.nan)) for k in keys] for row in history],
-        })
+        ckpt.save_state(
+            out_dir,
+            {
+                "model": unwrap(model).state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "ema": ema.state_dict() if ema else None,
+                "epoch": epoch,
+                "batch": batch,
+                "step": step,
+                "rng": ckpt.rng_state(),
+                "history_keys": keys,
+                "loss_sum": loss_sum,
+                "loss_count": loss_count,
+                "history": [[float(row.get(k, math.nan)) for k in keys] for row in history],
+            },
+        )
 
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         seen: list[str] = []
         for i, batch in enumerate(_iterate(make_train(epoch, start_batch)), start=start_batch):
-            loss = train_step(net, model, batch.images, batch.targets, opt, sched, scaler, ema,
-                              params, device, dtype)
+            loss = train_step(
+                net,
+                model,
+                batch.images,
+                batch.targets,
+                opt,
+                sched,
+                scaler,
+                ema,
+                params,
+                device,
+                dtype,
+            )
             step += 1
             running = running + loss.float()
             n_loss += 1
@@ -300,7 +336,11 @@ def fit(
             if progress and dist.main:
                 progress(step, total_steps)
             done_in_epoch = i + 1
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and done_in_epoch < steps_per_epoch:
+            if (
+                cfg.checkpoint_every
+                and step % cfg.checkpoint_every == 0
+                and done_in_epoch < steps_per_epoch
+            ):
                 save(epoch, done_in_epoch, float(running), n_loss)
         start_batch = 0
         if record_keys:
@@ -320,7 +360,7 @@ def fit(
                 on_epoch(epoch, row)
         save(epoch + 1, 0)
         if dist.main:
-            ckpt.write_json_atomic(out_dir / "history.json", history)
+            atomic_write_json(out_dir / "history.json", history)
         if dist.world_size > 1:
             torch.distributed.barrier()
     return FitResult(out_dir=out_dir, epochs=cfg.epochs, steps=step, history=history)
@@ -419,7 +459,9 @@ def _validate(
     dtype: torch.dtype | None,
 ) -> dict[str, float]:
     loader = eval_loader(
-        val, batch_size=params.evaluate.batch_size, image_size=params.train.image_size,
+        val,
+        batch_size=params.evaluate.batch_size,
+        image_size=params.train.image_size,
         num_workers=params.train.num_workers,
     )
     row: dict[str, float] = {}

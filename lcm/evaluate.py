@@ -35,14 +35,18 @@ class EvaluateRequest:
     calibrate: bool = True
 
 
-def load_model(model_dir: Path, weights: str, device: torch.device) -> tuple[torch.nn.Module, ckpt.ModelMeta]:
+def load_model(
+    model_dir: Path, weights: str, device: torch.device
+) -> tuple[torch.nn.Module, ckpt.ModelMeta]:
     meta = ckpt.load_meta(model_dir)
     model = build_model(meta.model, len(meta.classes), branch=False)
     ckpt.load_weights(model, model_dir, weights)
     return model.to(device).eval(), meta
 
 
-def evaluate_checkpoint(req: EvaluateRequest, progress: ProgressCallback | None = None) -> EvalResult:
+def evaluate_checkpoint(
+    req: EvaluateRequest, progress: ProgressCallback | None = None
+) -> EvalResult:
     device = select_device(req.device)
     paths, info = resolve_shards(req.shards)
     model, meta = load_model(req.checkpoint, req.weights, device)
@@ -52,7 +56,10 @@ def evaluate_checkpoint(req: EvaluateRequest, progress: ProgressCallback | None 
             f"{len(info.classes)} classes of {req.shards}"
         )
     loader = eval_loader(
-        (paths, info), batch_size=req.batch_size, image_size=meta.image_size, num_workers=req.num_workers
+        (paths, info),
+        batch_size=req.batch_size,
+        image_size=meta.image_size,
+        num_workers=req.num_workers,
     )
     keys, scores, targets = predict(
         model, loader, device, amp_dtype("auto", device), progress=progress
@@ -62,9 +69,17 @@ def evaluate_checkpoint(req: EvaluateRequest, progress: ProgressCallback | None 
     result = evaluate_scores(scores, targets, meta.classes)
     thresholds = calibrate_thresholds(scores, targets) if req.calibrate else None
     write_evaluation(
-        result, scores, targets, meta.classes, req.out_dir,
-        extra={"checkpoint": str(req.checkpoint), "weights": req.weights, "shards": str(req.shards),
-               "thresholds": thresholds.tolist() if thresholds is not None else None},
+        result,
+        scores,
+        targets,
+        meta.classes,
+        req.out_dir,
+        extra={
+            "checkpoint": str(req.checkpoint),
+            "weights": req.weights,
+            "shards": str(req.shards),
+            "thresholds": thresholds.tolist() if thresholds is not None else None,
+        },
     )
     if thresholds is not None:
         # Calibrated on this split: prediction uses them; say so in the file name's owner.

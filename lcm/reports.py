@@ -11,8 +11,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lcm.errors import CheckpointError
+from lcm.io import atomic_write_bytes
 from lcm.metrics import EvalResult, average_precision, precision_recall_points
 
 logger = logging.getLogger(__name__)
@@ -34,18 +33,6 @@ PER_CLASS_COLUMNS = ("class", "AP", "precision", "recall", "F1", "positives", "t
 # Best and worst classes by AP drawn beside the pooled curve; more lines stop being readable.
 PLOT_CLASSES_EACH_END = 3
 WORST_CLASSES = 5
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        # Remove the partial temporary file, then let the original error propagate.
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -179,9 +166,9 @@ def write_evaluation(
         payload.update(extra)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out_dir / METRICS_FILE, _dump_json(payload))
-    _atomic_write_bytes(out_dir / PER_CLASS_FILE, _per_class_csv(result))
-    _atomic_write_bytes(out_dir / PR_PLOT_FILE, _pr_plot_png(result, scores, targets))
+    atomic_write_bytes(out_dir / METRICS_FILE, _dump_json(payload))
+    atomic_write_bytes(out_dir / PER_CLASS_FILE, _per_class_csv(result))
+    atomic_write_bytes(out_dir / PR_PLOT_FILE, _pr_plot_png(result, scores, targets))
     logger.info("wrote evaluation of %d images to %s", result.n_images, out_dir)
 
 
@@ -196,7 +183,7 @@ def save_thresholds(path: Path, classes: Sequence[str], thresholds: np.ndarray) 
         raise ValueError("thresholds must be finite")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(
+    atomic_write_bytes(
         path, _dump_json({str(c): float(v) for c, v in zip(classes, th, strict=True)})
     )
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import lcm.reports as reports
+import lcm.io
 from lcm.errors import CheckpointError
 from lcm.metrics import EvalResult, evaluate_scores
 from lcm.reports import (
@@ -97,7 +97,7 @@ def test_interrupted_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.Mo
     def fail(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(reports.os, "replace", fail)
+    monkeypatch.setattr(lcm.io.os, "replace", fail)
     scores2, targets2, res2 = _case(seed=1)
     with pytest.raises(OSError, match="disk full"):
         write_evaluation(res2, scores2, targets2, CLASSES, tmp_path)

@@ -13,7 +13,6 @@ A prepared split is a directory with ``manifest.parquet`` (one row per image) an
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lcm.errors import DataError
+from lcm.io import atomic_path, atomic_write_bytes
 
 MANIFEST_FILE = "manifest.parquet"
 CLASSES_FILE = "classes.json"
@@ -133,12 +133,6 @@ def resolve_image(root: Path, relpath: str) -> Path:
     return path
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_manifest(
     out_dir: Path, classes: Sequence[str], records: Iterable[ImageRecord]
 ) -> Manifest:
@@ -163,10 +157,9 @@ def write_manifest(
         schema=MANIFEST_SCHEMA,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{MANIFEST_FILE}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out_dir / MANIFEST_FILE)
-    _atomic_write_bytes(out_dir / CLASSES_FILE, json.dumps(list(classes), indent=1).encode())
+    with atomic_path(out_dir / MANIFEST_FILE) as tmp:
+        pq.write_table(table, tmp)
+    atomic_write_bytes(out_dir / CLASSES_FILE, json.dumps(list(classes), indent=1).encode())
     return Manifest(tuple(classes), table)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 
 from lcm.data.manifest import read_manifest, targets_from_lists
 from lcm.errors import ConfigError, DataError
+from lcm.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +147,8 @@ def make_mask(prepared: Path, missing: float, seed: int, out: Path) -> MaskRepor
         schema=MASK_SCHEMA.with_metadata(metadata),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         pq.write_table(mask_table, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("%s", report.summary())
     return report
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lcm.data.manifest import ImageRecord, resolve_image, write_manifest
 from lcm.errors import DataError
+from lcm.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,6 @@ def _check_keys(records: Sequence[ImageRecord], source: str | Path) -> None:
         seen[r.key] = r.path
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_prepared(
     out: Path,
     classes: Sequence[str],
@@ -128,7 +122,7 @@ def write_prepared(
     report = PrepareReport(len(kept), len(classes), tuple(missing), image_root, out)
     try:
         write_manifest(out, classes, kept)
-        _atomic_write_text(out / REPORT_FILE, json.dumps(report.to_json(), indent=1) + "\n")
+        atomic_write_text(out / REPORT_FILE, json.dumps(report.to_json(), indent=1) + "\n")
     except OSError as e:
         raise DataError(f"{out}: cannot write the prepared dataset ({e})") from e
     if missing:

@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lcm.data.manifest import MANIFEST_FILE, read_manifest, resolve_image
 from lcm.errors import ConfigError, DataError
+from lcm.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def write_shards(
     )
     if info.total == 0:
         raise DataError(f"{prepared / MANIFEST_FILE}: no readable image; {info.summary()}")
-    _atomic_write(out / INFO_FILE, (json.dumps(info.to_json(), indent=1) + "\n").encode())
+    atomic_write_bytes(out / INFO_FILE, (json.dumps(info.to_json(), indent=1) + "\n").encode())
     log.info("%s: %s", out, info.summary())
     return info
 
@@ -394,15 +395,3 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
