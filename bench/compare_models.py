@@ -92,7 +92,9 @@ def run_one(params: Params, train: Path, val: Path, out: Path, meta: dict) -> di
     """Train one model (no per-epoch validation), then evaluate raw and EMA weights on val."""
     from lcm.evaluate import load_model
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{out.name}] %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [{out.name}] %(message)s", force=True
+    )
     device = select_device(params.train.device)
     t0 = time.perf_counter()
     result = fit(params, train, None, out)
