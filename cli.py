@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lcm.errors import LcmError
+from lcm.progress import progress_bar
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -36,32 +34,29 @@ class App(typer.Typer):
 
 
 app = App(help="Multi-label recognition with latent context (LCM).", no_args_is_help=True)
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Multi-label recognition with latent context (LCM)."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    # The library logs through `logging`; show its INFO lines (epochs, skipped inputs).
+    handler = RichHandler(console=err, show_path=False, show_time=False, markup=False)
+    lib = logging.getLogger("lcm")
+    lib.handlers[:] = [handler]
+    lib.setLevel(logging.DEBUG if verbose else logging.INFO)
+    lib.propagate = False
+
+
 data_app = App(help="Data stages: synth, prepare, shard, mask.", no_args_is_help=True)
 prepare_app = App(help="Raw annotations -> manifest.parquet + classes.json.", no_args_is_help=True)
 report_app = App(help="Reports: model size.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 data_app.add_typer(prepare_app, name="prepare")
 app.add_typer(report_app, name="report")
-
-
-@contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar driven by a ``callback(done, total)``; silent when not a terminal."""
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 # --------------------------------------------------------------------------------------- data

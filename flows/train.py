@@ -11,7 +11,6 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from prefect.runtime import task_run
 from lcm.config import Params, params_from_dict, to_dict
 from lcm.engine import Dist, FitResult, fit
 from lcm.errors import LcmError
+from lcm.progress import progress_bar
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
 
@@ -39,45 +39,27 @@ def run_fit(
     dist: Dist | None = None,
     record_keys: bool = False,
 ) -> FitResult:
-    """``engine.fit`` with per-epoch metrics logged through dvclive (main rank only)."""
+    """``engine.fit`` with a progress bar and per-epoch metrics logged through dvclive
+    (both on the main rank only)."""
     dist = dist or Dist()
-    if progress is None and dist.main and sys.stderr.isatty():
-        with _progress_bar() as bar:
-            return run_fit(
-                params,
-                train_shards,
-                val_shards,
-                out_dir,
-                mask=mask,
-                resume=resume,
-                live_dir=live_dir,
-                progress=bar,
-                dist=dist,
-                record_keys=record_keys,
+    with contextlib.ExitStack() as stack:
+        on_epoch = None
+        if progress is None and dist.main:
+            progress = stack.enter_context(progress_bar("training"))
+        if live_dir is not None and dist.main:
+            from dvclive import Live
+
+            live = stack.enter_context(
+                Live(
+                    dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None
+                )
             )
-    if live_dir is None or not dist.main:
-        return fit(
-            params,
-            train_shards,
-            val_shards,
-            out_dir,
-            mask=mask,
-            resume=resume,
-            progress=progress,
-            dist=dist,
-            record_keys=record_keys,
-        )
-    from dvclive import Live
 
-    with Live(
-        dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None
-    ) as live:
-
-        def on_epoch(_epoch: int, row: dict[str, float]) -> None:
-            for key, value in row.items():
-                if key not in ("epoch", "step"):
-                    live.log_metric(key, value)
-            live.next_step()
+            def on_epoch(_epoch: int, row: dict[str, float]) -> None:
+                for key, value in row.items():
+                    if key not in ("epoch", "step"):
+                        live.log_metric(key, value)
+                live.next_step()
 
         return fit(
             params,
@@ -91,27 +73,6 @@ def run_fit(
             dist=dist,
             record_keys=record_keys,
         )
-
-
-@contextlib.contextmanager
-def _progress_bar() -> Iterator[Any]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn("training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-    ) as bar:
-        task_id = bar.add_task("train", total=None)
-        yield lambda done, total: bar.update(task_id, completed=done, total=total)
 
 
 def _retry_unless_user_error(_task: Any, _run: Any, state: Any) -> bool:
