@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""File I/O shared by the stages: atomic writes (a reader sees the old file or the new one,
+never half of one) and schema-checked Parquet reads."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lcm.errors import DataError
 
 
 @contextmanager
@@ -37,3 +43,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any, indent: int = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_parquet(path: Path, schema: pa.Schema, what: str) -> pa.Table:
+    """Read ``path`` and check its schema (metadata aside); every problem is a DataError."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet {what} ({e})") from e
+    if not table.schema.equals(schema, check_metadata=False):
+        raise DataError(f"{path}: unexpected schema {table.schema}; expected {schema}")
+    return table

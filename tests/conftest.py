@@ -17,3 +17,15 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run on one intra-op thread: on a shared 2-core machine, OpenMP threads competing with
+    other processes make small ops several times slower, not faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

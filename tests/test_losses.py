@@ -10,15 +10,7 @@ from lcm.config import LossConfig
 from lcm.models.losses import asl_elementwise, compute_loss, masked_loss
 from lcm.models.registry import ModelOutput
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one intra-op thread: on a shared 2-core machine, OpenMP threads competing with
-    other processes make these small ops several times slower, not faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KINDS = ["bce", "asl"]

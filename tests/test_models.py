@@ -18,15 +18,7 @@ from lcm.models.complexity import format_report, model_report
 from lcm.models.lcm import LCM
 from lcm.models.losses import compute_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one intra-op thread: on a shared 2-core machine, OpenMP threads competing with
-    other processes make these small ops several times slower, not faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 C = 5  # classes

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lcm.data.manifest import ImageRecord, make_key, safe_relpath
-from lcm.data.prepare import PrepareReport, check_image_root, write_prepared
+from lcm.data.prepare import PrepareReport, check_image_root, read_annotation, write_prepared
 from lcm.errors import DataError
 
 _MAX_SIDE = 2**31 - 1  # the manifest stores width/height as int32
@@ -74,12 +74,7 @@ def _short(value: Any) -> str:
 
 
 def _load(annotations: Path) -> Any:
-    try:
-        data = annotations.read_bytes()
-    except FileNotFoundError as e:
-        raise DataError(f"{annotations}: annotation file not found") from e
-    except OSError as e:
-        raise DataError(f"{annotations}: cannot read the annotation file ({e})") from e
+    data = read_annotation(annotations)
     try:
         return json.loads(data)
     # ValueError covers JSONDecodeError, bad UTF-8 and integers too long to convert;

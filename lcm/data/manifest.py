@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lcm.errors import DataError
-from lcm.io import atomic_path, atomic_write_bytes
+from lcm.io import atomic_path, atomic_write_bytes, read_parquet
 
 MANIFEST_FILE = "manifest.parquet"
 CLASSES_FILE = "classes.json"
@@ -175,10 +175,4 @@ def read_manifest(prepared_dir: Path) -> Manifest:
         raise DataError(f"{cpath}: not valid JSON ({e})") from e
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{cpath}: expected a JSON list of class names")
-    try:
-        table = pq.read_table(mpath)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{mpath}: not a readable Parquet file ({e})") from e
-    if not table.schema.equals(MANIFEST_SCHEMA, check_metadata=False):
-        raise DataError(f"{mpath}: unexpected schema {table.schema}; expected {MANIFEST_SCHEMA}")
-    return Manifest(tuple(classes), table)
+    return Manifest(tuple(classes), read_parquet(mpath, MANIFEST_SCHEMA, "file"))

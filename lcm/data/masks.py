@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from lcm.data.manifest import read_manifest, targets_from_lists
 from lcm.errors import ConfigError, DataError
-from lcm.io import atomic_path
+from lcm.io import atomic_path, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +158,7 @@ def read_mask(path: Path) -> LabelMask:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: mask file not found; run `lcm data mask` first")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet mask file ({e})") from e
-    if not table.schema.equals(MASK_SCHEMA, check_metadata=False):
-        raise DataError(f"{path}: unexpected schema {table.schema}; expected {MASK_SCHEMA}")
+    table = read_parquet(path, MASK_SCHEMA, "mask file")
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     try:
         num_classes, missing, seed = (

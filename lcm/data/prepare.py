@@ -60,6 +60,16 @@ class PrepareReport:
         }
 
 
+def read_annotation(path: Path) -> bytes:
+    """The bytes of an annotation file; a missing or unreadable file is a DataError."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: annotation file not found") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the annotation file ({e})") from e
+
+
 def check_image_root(image_root: Path) -> None:
     if not image_root.is_dir():
         raise DataError(f"{image_root}: image directory not found")

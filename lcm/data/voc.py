@@ -20,7 +20,7 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 
 from lcm.data.manifest import ImageRecord, make_key, resolve_image, safe_relpath
-from lcm.data.prepare import PrepareReport, check_image_root, write_prepared
+from lcm.data.prepare import PrepareReport, check_image_root, read_annotation, write_prepared
 from lcm.errors import DataError
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -74,12 +74,7 @@ def _read_ids(root: Path, split: str) -> list[str]:
 
 
 def _parse_xml(path: Path) -> ET.Element:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: annotation file not found") from e
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the annotation file ({e})") from e
+    data = read_annotation(path)
     try:
         root = SafeET.fromstring(data, forbid_dtd=True)
     except defusedxml.DefusedXmlException as e:
