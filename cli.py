@@ -216,7 +216,7 @@ def train(
     from lcm.checkpoint import check_compatible
     from lcm.config import load_params_with, to_dict
     from lcm.data.shards import check_mask_matches, resolve_shards
-    from lcm.engine import select_device
+    from lcm.runtime import select_device
 
     # Every input is checked here, before a Prefect server or a process group starts.
     params = load_params_with(params_file, overrides)
@@ -266,7 +266,7 @@ def _train_rank(
     import torch.distributed as tdist
 
     from flows.train import run_fit
-    from lcm.engine import dist_from_env, select_device
+    from lcm.runtime import dist_from_env, select_device
 
     dist = dist_from_env()
     device = select_device(params.train.device)
@@ -304,7 +304,7 @@ def evaluate(
     from flows.evaluate import evaluate_flow
     from lcm.checkpoint import load_meta
     from lcm.data.shards import resolve_shards
-    from lcm.engine import select_device
+    from lcm.runtime import select_device
 
     load_meta(checkpoint)
     resolve_shards(shards)

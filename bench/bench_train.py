@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lcm.config import load_params  # noqa: E402
 from lcm.data.shards import resolve_shards, train_loader  # noqa: E402
-from lcm.engine import Ema, amp_dtype, build_optimizer, select_device, train_step  # noqa: E402
+from lcm.engine import Ema, build_optimizer, train_step  # noqa: E402
 from lcm.models import build_model  # noqa: E402
+from lcm.runtime import amp_dtype, select_device  # noqa: E402
 
 
 def main() -> None:

@@ -38,8 +38,10 @@ from lcm.data.manifest import read_manifest, write_manifest  # noqa: E402
 from lcm.data.shard_writer import write_shards  # noqa: E402
 from lcm.data.shards import eval_loader, resolve_shards  # noqa: E402
 from lcm.data.synthetic import generate_synthetic  # noqa: E402
-from lcm.engine import fit, predict, select_device, step_time  # noqa: E402
+from lcm.engine import fit, step_time  # noqa: E402
+from lcm.inference import predict  # noqa: E402
 from lcm.metrics import evaluate_scores  # noqa: E402
+from lcm.runtime import select_device  # noqa: E402
 
 log = logging.getLogger("compare")
 
@@ -90,7 +92,7 @@ def group_ap(per_class: dict[str, float], names: list[str]) -> float:
 
 def run_one(params: Params, train: Path, val: Path, out: Path, meta: dict) -> dict:
     """Train one model (no per-epoch validation), then evaluate raw and EMA weights on val."""
-    from lcm.evaluate import load_model
+    from lcm.checkpoint import load_for_inference
 
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s [{out.name}] %(message)s", force=True
@@ -108,7 +110,8 @@ def run_one(params: Params, train: Path, val: Path, out: Path, meta: dict) -> di
         num_workers=params.train.num_workers,
     )
     for which in ("raw", "ema"):
-        model, m = load_model(out, which, device)
+        loaded = load_for_inference(out, which, device)
+        model, m = loaded.model, loaded.meta
         _, scores, targets = predict(model, loader, device)
         res = evaluate_scores(scores, targets, m.classes)
         per_class = {c.name: c.ap for c in res.per_class}

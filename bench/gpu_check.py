@@ -23,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lcm.config import LossConfig, ModelConfig, Params, TrainConfig  # noqa: E402
-from lcm.engine import Ema, amp_dtype, build_optimizer, train_step  # noqa: E402
+from lcm.engine import Ema, build_optimizer, train_step  # noqa: E402
 from lcm.models import build_model  # noqa: E402
+from lcm.runtime import amp_dtype  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -8,14 +8,20 @@ A model directory holds
   ``weights_only=True``;
 - ``thresholds.json``: per-class thresholds calibrated by ``lcm evaluate`` (optional).
 
+For inference, :func:`load_for_inference` loads all of it at once (weights, meta, thresholds)
+and :func:`model_digest` names exactly which weights produced a set of scores.
+
 Every file is written to a temporary name and renamed, so a run killed while saving leaves the
 previous checkpoint intact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,12 +114,16 @@ def load_meta(model_dir: Path) -> ModelMeta:
 _META_KEYS = {"format", "model", "classes", "image_size", "mean", "std"}
 
 
-def load_weights(model: torch.nn.Module, model_dir: Path, which: str = "raw") -> None:
-    """Load raw or EMA weights into ``model`` (strict: every tensor must match)."""
+def weights_path(model_dir: Path, which: str) -> Path:
     name = {"raw": RAW_WEIGHTS, "ema": EMA_WEIGHTS}.get(which)
     if name is None:
         raise CheckpointError(f"unknown weights {which!r}; expected 'raw' or 'ema'")
-    path = Path(model_dir) / name
+    return Path(model_dir) / name
+
+
+def load_weights(model: torch.nn.Module, model_dir: Path, which: str = "raw") -> None:
+    """Load raw or EMA weights into ``model`` (strict: every tensor must match)."""
+    path = weights_path(model_dir, which)
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (this run saved no {which} weights)")
     try:
@@ -126,6 +136,112 @@ def load_weights(model: torch.nn.Module, model_dir: Path, which: str = "raw") ->
             f"{path}: weights do not fit the architecture in {MODEL_JSON} "
             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
+
+
+# ------------------------------------------------------------------------------- inference
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to score images: eval mode, on its device, with what it needs besides."""
+
+    model: torch.nn.Module
+    meta: ModelMeta
+    weights: str  # raw | ema
+    thresholds: np.ndarray  # (C,) float64
+    threshold_source: str  # the thresholds file, or "default 0.5" when there is none
+    digest: str  # model_digest() of the directory and weights
+
+
+def load_for_inference(model_dir: Path, weights: str, device: torch.device) -> LoadedModel:
+    """Load ``model.json``, the raw or EMA weights and the thresholds of a model directory."""
+    from lcm.models import build_model  # models import torchvision: only when a model is built
+
+    meta = load_meta(model_dir)
+    model = build_model(meta.model, len(meta.classes), branch=False)
+    load_weights(model, model_dir, weights)
+    th_path = Path(model_dir) / THRESHOLDS_FILE
+    if th_path.is_file():
+        thresholds, source = load_thresholds(th_path, meta.classes), str(th_path)
+    else:
+        thresholds, source = np.full(len(meta.classes), 0.5), "default 0.5"
+    return LoadedModel(
+        model=model.to(device).eval(),
+        meta=meta,
+        weights=weights,
+        thresholds=thresholds,
+        threshold_source=source,
+        digest=model_digest(model_dir, weights),
+    )
+
+
+def model_digest(model_dir: Path, weights: str) -> str:
+    """``sha256:<hex>`` over model.json and the chosen weights file: equal digests mean equal
+    scores for equal images (thresholds are recorded separately, per run)."""
+    h = hashlib.sha256()
+    for path in (Path(model_dir) / MODEL_JSON, weights_path(model_dir, weights)):
+        h.update(path.name.encode() + b"\0")
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+    return "sha256:" + h.hexdigest()
+
+
+def save_thresholds(path: Path, classes: Sequence[str], thresholds: np.ndarray) -> None:
+    """Write the per-class thresholds as a JSON object ``{class name: threshold}``."""
+    th = np.asarray(thresholds, dtype=np.float64)
+    if th.shape != (len(classes),):
+        raise ValueError(f"{th.shape} thresholds for {len(classes)} classes")
+    if len(set(classes)) != len(classes):
+        raise ValueError("class names must be unique to key the thresholds")
+    if not np.isfinite(th).all():
+        raise ValueError("thresholds must be finite")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {str(c): float(v) for c, v in zip(classes, th, strict=True)})
+
+
+def load_thresholds(path: Path, classes: Sequence[str]) -> np.ndarray:
+    """Read thresholds saved by :func:`save_thresholds`, ordered as ``classes``, ``(C,)``.
+
+    Raises CheckpointError naming the file when it is missing, malformed, or keyed by a
+    different set of classes than the model's.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: thresholds file not found") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read thresholds JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object mapping class name to threshold")
+    missing = [c for c in classes if c not in data]
+    known = set(classes)
+    unexpected = [k for k in data if k not in known]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unknown {_preview(unexpected)}")
+        raise CheckpointError(
+            f"{path}: thresholds do not match the model's classes ({'; '.join(parts)})"
+        )
+    values = []
+    for c in classes:
+        v = data[c]
+        # bool is an int subclass in Python, but true/false is never a threshold.
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise CheckpointError(f"{path}: threshold for {c!r} is not a finite number: {v!r}")
+        values.append(float(v))
+    return np.array(values, dtype=np.float64)
+
+
+def _preview(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in list(names)[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def check_compatible(model_dir: Path, model: ModelConfig, classes: tuple[str, ...]) -> None:

@@ -9,12 +9,9 @@ Logging and progress reach the caller through callbacks (the library knows no Pr
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
-import os
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,46 +26,17 @@ from lcm.config import Params, to_dict
 from lcm.data.shards import eval_loader, resolve_shards, train_loader
 from lcm.data.transforms import MEAN, STD
 from lcm.errors import ConfigError
+from lcm.inference import predict
 from lcm.io import atomic_write_json
 from lcm.metrics import evaluate_scores
 from lcm.models import build_model
 from lcm.models.losses import compute_loss
+from lcm.progress import ProgressCallback
+from lcm.runtime import Dist, amp_dtype, autocast, seed_everything, select_device
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-ProgressCallback = Callable[[int, int], None]
-
-
-# ------------------------------------------------------------------------------ devices, AMP
-def select_device(pref: str) -> torch.device:
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but no CUDA device is available here")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def amp_dtype(pref: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision only on CUDA: bf16 where supported (no scaler needed), else fp16."""
-    if device.type != "cuda" or pref == "off":
-        return None
-    if pref == "fp16" or (pref == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------- EMA
@@ -105,35 +73,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
-# ----------------------------------------------------------------------------------- evaluate
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: Any,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    progress: ProgressCallback | None = None,
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Scores (sigmoid) and targets for every sample of an eval loader, in stream order."""
-    model.eval()
-    keys: list[str] = []
-    scores: list[np.ndarray] = []
-    targets: list[np.ndarray] = []
-    total = len(loader)
-    for i, batch in enumerate(loader):
-        images = batch.images.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            logits = model(images).logits
-        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
-        targets.append(batch.targets.numpy())
-        keys.extend(batch.keys)
-        if progress:
-            progress(i + 1, total)
-    if not keys:
-        return keys, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    return keys, np.concatenate(scores), np.concatenate(targets)
-
-
 # ---------------------------------------------------------------------------------------- fit
 @dataclass
 class FitResult:
@@ -145,20 +84,6 @@ class FitResult:
     @property
     def final(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_from_env() -> Dist:
-    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def build_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:

@@ -1,7 +1,7 @@
 """Evaluate a trained model directory on shards and write its reports.
 
 The one evaluation path used by ``lcm evaluate`` and the DVC ``evaluate`` stage; training
-validates through the same ``engine.predict`` and ``metrics.evaluate_scores``.
+validates through the same ``inference.predict`` and ``metrics.evaluate_scores``.
 """
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lcm import checkpoint as ckpt
 from lcm.data.shards import eval_loader, resolve_shards
-from lcm.engine import ProgressCallback, amp_dtype, predict, select_device
 from lcm.errors import CheckpointError, DataError
+from lcm.inference import predict
 from lcm.metrics import EvalResult, calibrate_thresholds, evaluate_scores
-from lcm.models import build_model
-from lcm.reports import save_thresholds, write_evaluation
+from lcm.progress import ProgressCallback
+from lcm.reports import write_evaluation
+from lcm.runtime import amp_dtype, select_device
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +34,13 @@ class EvaluateRequest:
     calibrate: bool = True
 
 
-def load_model(
-    model_dir: Path, weights: str, device: torch.device
-) -> tuple[torch.nn.Module, ckpt.ModelMeta]:
-    meta = ckpt.load_meta(model_dir)
-    model = build_model(meta.model, len(meta.classes), branch=False)
-    ckpt.load_weights(model, model_dir, weights)
-    return model.to(device).eval(), meta
-
-
 def evaluate_checkpoint(
     req: EvaluateRequest, progress: ProgressCallback | None = None
 ) -> EvalResult:
     device = select_device(req.device)
     paths, info = resolve_shards(req.shards)
-    model, meta = load_model(req.checkpoint, req.weights, device)
+    loaded = ckpt.load_for_inference(req.checkpoint, req.weights, device)
+    meta = loaded.meta
     if tuple(info.classes) != meta.classes:
         raise CheckpointError(
             f"{req.checkpoint}: the model's {len(meta.classes)} classes differ from the "
@@ -60,9 +51,11 @@ def evaluate_checkpoint(
         batch_size=req.batch_size,
         image_size=meta.image_size,
         num_workers=req.num_workers,
+        mean=meta.mean,
+        std=meta.std,
     )
     keys, scores, targets = predict(
-        model, loader, device, amp_dtype("auto", device), progress=progress
+        loaded.model, loader, device, amp_dtype("auto", device), progress=progress
     )
     if not keys:
         raise DataError(f"{req.shards}: the shards hold no samples")
@@ -83,6 +76,6 @@ def evaluate_checkpoint(
     )
     if thresholds is not None:
         # Calibrated on this split: prediction uses them; say so in the file name's owner.
-        save_thresholds(req.checkpoint / ckpt.THRESHOLDS_FILE, meta.classes, thresholds)
+        ckpt.save_thresholds(req.checkpoint / ckpt.THRESHOLDS_FILE, meta.classes, thresholds)
         log.info("saved per-class F1 thresholds to %s", req.checkpoint / ckpt.THRESHOLDS_FILE)
     return result

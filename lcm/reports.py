@@ -20,7 +20,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lcm.errors import CheckpointError
 from lcm.io import atomic_write_bytes
 from lcm.metrics import EvalResult, average_precision, precision_recall_points
 
@@ -170,64 +169,6 @@ def write_evaluation(
     atomic_write_bytes(out_dir / PER_CLASS_FILE, _per_class_csv(result))
     atomic_write_bytes(out_dir / PR_PLOT_FILE, _pr_plot_png(result, scores, targets))
     logger.info("wrote evaluation of %d images to %s", result.n_images, out_dir)
-
-
-def save_thresholds(path: Path, classes: Sequence[str], thresholds: np.ndarray) -> None:
-    """Write the per-class thresholds as a JSON object ``{class name: threshold}``."""
-    th = np.asarray(thresholds, dtype=np.float64)
-    if th.shape != (len(classes),):
-        raise ValueError(f"{th.shape} thresholds for {len(classes)} classes")
-    if len(set(classes)) != len(classes):
-        raise ValueError("class names must be unique to key the thresholds")
-    if not np.isfinite(th).all():
-        raise ValueError("thresholds must be finite")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(
-        path, _dump_json({str(c): float(v) for c, v in zip(classes, th, strict=True)})
-    )
-
-
-def _preview(names: Sequence[str]) -> str:
-    shown = ", ".join(repr(n) for n in list(names)[:5])
-    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
-def load_thresholds(path: Path, classes: Sequence[str]) -> np.ndarray:
-    """Read thresholds saved by :func:`save_thresholds`, ordered as ``classes``, ``(C,)``.
-
-    Raises CheckpointError naming the file when it is missing, malformed, or keyed by a
-    different set of classes than the model's.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: thresholds file not found") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read thresholds JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object mapping class name to threshold")
-    missing = [c for c in classes if c not in data]
-    known = set(classes)
-    unexpected = [k for k in data if k not in known]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_preview(missing)}")
-        if unexpected:
-            parts.append(f"unknown {_preview(unexpected)}")
-        raise CheckpointError(
-            f"{path}: thresholds do not match the model's classes ({'; '.join(parts)})"
-        )
-    values = []
-    for c in classes:
-        v = data[c]
-        # bool is an int subclass in Python, but true/false is never a threshold.
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise CheckpointError(f"{path}: threshold for {c!r} is not a finite number: {v!r}")
-        values.append(float(v))
-    return np.array(values, dtype=np.float64)
 
 
 def _pct(x: float) -> str:

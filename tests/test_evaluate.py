@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from lcm.checkpoint import load_for_inference, load_thresholds
 from lcm.config import load_params
 from lcm.data.shards import eval_loader, resolve_shards
-from lcm.engine import fit, predict
+from lcm.engine import fit
 from lcm.errors import CheckpointError
-from lcm.evaluate import EvaluateRequest, evaluate_checkpoint, load_model
+from lcm.evaluate import EvaluateRequest, evaluate_checkpoint
+from lcm.inference import predict
 from lcm.metrics import evaluate_scores
-from lcm.reports import load_thresholds
 from tests._engine_fixtures import CLASSES, make_split, make_tiny_data, write_params
 
 
@@ -49,7 +50,7 @@ def test_evaluate_writes_reports_and_thresholds(trained, tmp_path):
     assert thresholds.shape == (4,)
 
     # the same numbers as scoring the stream directly with the raw weights
-    model, _ = load_model(model_dir, "raw", torch.device("cpu"))
+    model = load_for_inference(model_dir, "raw", torch.device("cpu")).model
     loader = eval_loader(resolve_shards(data.val), batch_size=7, image_size=32, num_workers=2)
     _, scores, targets = predict(model, loader, torch.device("cpu"))
     assert evaluate_scores(scores, targets, CLASSES).mAP == pytest.approx(result.mAP)

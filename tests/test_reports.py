@@ -11,14 +11,10 @@ import pytest
 from PIL import Image
 
 import lcm.io
+from lcm.checkpoint import load_thresholds, save_thresholds
 from lcm.errors import CheckpointError
 from lcm.metrics import EvalResult, evaluate_scores
-from lcm.reports import (
-    load_thresholds,
-    markdown_summary,
-    save_thresholds,
-    write_evaluation,
-)
+from lcm.reports import markdown_summary, write_evaluation
 
 CLASSES = ["cat", "dog", "kite", "bus", "car", "a|b", "tree"]
 

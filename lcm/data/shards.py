@@ -44,7 +44,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lcm.data.masks import LabelMask, read_mask
 from lcm.data.shard_writer import INFO_FILE, ShardInfo
-from lcm.data.transforms import Preset, decode_image, eval_transform, normalize, train_transform
+from lcm.data.transforms import (
+    MEAN,
+    STD,
+    Preset,
+    decode_image,
+    eval_transform,
+    normalize,
+    train_transform,
+)
 from lcm.errors import ConfigError, DataError
 
 ShardSource = str | Path | tuple[Sequence[Path], ShardInfo]
@@ -60,12 +68,16 @@ class Batch(NamedTuple):
     images: Tensor  # (B, 3, S, S) float32, normalised
     targets: Tensor  # (B, C) float32 in {1 positive, 0 negative, -1 unknown}
     keys: list[str]
+    # eval loaders with ``skip_bad``: (key, reason) of this batch's undecodable samples
+    skipped: tuple[tuple[str, str], ...] = ()
+    # eval loaders with ``align_shards``: index (into the loader's shard list) of the one
+    # shard every sample of this batch comes from
+    shard: int | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(
-            self.images.to(device, non_blocking=non_blocking),
-            self.targets.to(device, non_blocking=non_blocking),
-            self.keys,
+        return self._replace(
+            images=self.images.to(device, non_blocking=non_blocking),
+            targets=self.targets.to(device, non_blocking=non_blocking),
         )
 
 
@@ -301,14 +313,28 @@ class _Plan:
 
 
 class _EvalPlan(_Plan):
-    def __init__(self, counts: Sequence[int], batch_size: int) -> None:
+    """Consecutive stream positions; with ``align`` a batch never spans two shards (each
+    shard's last batch may be smaller), so a shard's batches are the same whichever other
+    shards are in the stream, and so are its scores, bit for bit."""
+
+    def __init__(self, counts: Sequence[int], batch_size: int, align: bool = False) -> None:
         total = int(sum(counts))
-        super().__init__(range(len(counts)), counts, math.ceil(total / batch_size))
-        self.total, self.batch_size = total, batch_size
+        if align:
+            ends = np.cumsum(counts)
+            bounds = [
+                (lo, min(lo + batch_size, int(end)))
+                for start, end in zip(np.concatenate([[0], ends[:-1]]), ends, strict=True)
+                for lo in range(int(start), int(end), batch_size)
+            ]
+        else:
+            bounds = [(lo, min(lo + batch_size, total)) for lo in range(0, total, batch_size)]
+        super().__init__(range(len(counts)), counts, len(bounds))
+        self.bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
         self.window = batch_size
 
     def positions(self, b: int) -> np.ndarray:
-        return np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.total))
+        lo, hi = self.bounds[b]
+        return np.arange(lo, hi)
 
 
 class _TrainPlan(_Plan):
@@ -354,7 +380,8 @@ class _TrainPlan(_Plan):
         return torch.Generator().manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
-_RawBatch = tuple[np.ndarray, np.ndarray, list[str]]  # uint8 (B, 3, S, S), float (B, C), keys
+# uint8 (B, 3, S, S), float (B, C), keys, skipped (key, reason), the batch's one shard or -1
+_RawBatch = tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]], int]
 
 
 class _BatchStream(IterableDataset):
@@ -375,11 +402,12 @@ class _BatchStream(IterableDataset):
         augment: bool,
         mask: LabelMask | None,
         first: int,
+        skip_bad: bool = False,
     ) -> None:
         self.paths, self.counts = list(paths), [e.count for e in info.shards]
         self.num_classes = info.num_classes
         self.plan, self.mask, self.first = plan, mask, first
-        self.augment, self.image_size = augment, image_size
+        self.augment, self.image_size, self.skip_bad = augment, image_size, skip_bad
 
     def __iter__(self) -> Iterator[_RawBatch]:
         worker = get_worker_info()
@@ -399,12 +427,18 @@ class _BatchStream(IterableDataset):
         n, size = len(samples), self.image_size
         pixels = torch.empty((n, 3, size, size), dtype=torch.uint8)  # (B, 3, S, S)
         targets = np.zeros((n, self.num_classes), np.float32)  # (B, C)
-        for i, ((key, jpg, meta), shard) in enumerate(zip(samples, shards.tolist(), strict=True)):
+        keys: list[str] = []
+        skipped: list[tuple[str, str]] = []
+        for (key, jpg, meta), shard in zip(samples, shards.tolist(), strict=True):
             where = f"{self.paths[shard]}: sample {key!r}"
             try:
                 img = decode_image(jpg)  # (3, H, W) uint8
             except RuntimeError as e:
-                raise DataError(f"{where}: cannot decode its JPEG ({e})") from e
+                if not self.skip_bad:
+                    raise DataError(f"{where}: cannot decode its JPEG ({e})") from e
+                skipped.append((key, f"undecodable JPEG ({str(e).splitlines()[0]})"))
+                continue
+            i = len(keys)
             pixels[i] = preset.pixels(img, gen)
             try:
                 targets[i, meta["ignore"]] = -1.0
@@ -415,23 +449,40 @@ class _BatchStream(IterableDataset):
                 if key not in self.mask:
                     raise DataError(f"{self.mask.path}: has no row for {where}")
                 targets[i, ~self.mask[key]] = -1.0
-        return pixels.numpy(), targets, [s[0] for s in samples]
+            keys.append(key)
+        n = len(keys)
+        one_shard = int(shards[0]) if len(shards) and (shards == shards[0]).all() else -1
+        return pixels[:n].numpy(), targets[:n], keys, skipped, one_shard
 
 
 class _Loader:
-    def __init__(self, stream: _BatchStream, num_workers: int, pin_memory: bool) -> None:
+    def __init__(
+        self,
+        stream: _BatchStream,
+        num_workers: int,
+        pin_memory: bool,
+        mean: Sequence[float] = MEAN,
+        std: Sequence[float] = STD,
+    ) -> None:
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __iter__(self) -> Iterator[Batch]:
         pin = self.pin_memory and torch.cuda.is_available()
         loader = DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is
         )
-        for pixels, targets, keys in loader:
+        for pixels, targets, keys, skipped, shard in loader:
             pixels, targets = torch.from_numpy(pixels), torch.from_numpy(targets)
             images = torch.empty(pixels.shape, dtype=torch.float32, pin_memory=pin)
-            normalize(pixels, out=images)  # (B, 3, S, S)
-            yield Batch(images, targets.pin_memory() if pin else targets, keys)
+            normalize(pixels, out=images, mean=self.mean, std=self.std)  # (B, 3, S, S)
+            yield Batch(
+                images,
+                targets.pin_memory() if pin else targets,
+                keys,
+                tuple(skipped),
+                None if shard < 0 else shard,
+            )
 
 
 def _as_is(batch: _RawBatch) -> _RawBatch:
@@ -452,7 +503,8 @@ class TrainLoader(_Loader):
 
 
 class EvalLoader(_Loader):
-    """Every sample once, in shard order; the last batch may be smaller."""
+    """Every sample once, in shard order; the last batch (with ``align_shards``, each shard's
+    last batch) may be smaller."""
 
     def __len__(self) -> int:
         return self.stream.plan.num_batches
@@ -512,14 +564,25 @@ def eval_loader(
     image_size: int,
     num_workers: int,
     pin_memory: bool = False,
+    align_shards: bool = False,
+    skip_bad: bool = False,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
 ) -> EvalLoader:
-    """Every sample exactly once, in shard order, in batches of ``batch_size``."""
+    """Every sample exactly once, in shard order, in batches of ``batch_size``.
+
+    ``align_shards``: no batch spans two shards, and each batch says which shard it is from.
+    ``skip_bad``: an undecodable image is left out of its batch and reported in
+    ``Batch.skipped`` instead of failing the stream. Evaluation and training never skip: a
+    broken evaluation set must not be scored silently on fewer images.
+    ``mean`` / ``std``: the normalisation the model was trained with (its model.json).
+    """
     paths, info = _resolve(shards)
     _check_positive(batch_size=batch_size, image_size=image_size)
     _check_non_negative(num_workers=num_workers)
-    plan = _EvalPlan([e.count for e in info.shards], batch_size)
-    stream = _BatchStream(paths, info, plan, image_size, False, None, 0)
-    return EvalLoader(stream, num_workers, pin_memory)
+    plan = _EvalPlan([e.count for e in info.shards], batch_size, align=align_shards)
+    stream = _BatchStream(paths, info, plan, image_size, False, None, 0, skip_bad=skip_bad)
+    return EvalLoader(stream, num_workers, pin_memory, mean, std)
 
 
 def _resolve(shards: ShardSource) -> tuple[list[Path], ShardInfo]:

@@ -10,9 +10,13 @@ resume mid-epoch exactly.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import decode_image as _decode_any
 from torchvision.transforms.v2 import functional as F
 
 from lcm.errors import ConfigError
@@ -20,8 +24,6 @@ from lcm.errors import ConfigError
 # ImageNet channel statistics, the convention of the torchvision backbones.
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-_MEAN_255 = torch.tensor(MEAN).view(3, 1, 1) * 255.0  # (3, 1, 1), on the 0..255 scale
-_INV_STD_255 = 1.0 / (torch.tensor(STD).view(3, 1, 1) * 255.0)
 
 
 def decode_image(data: bytes) -> Tensor:
@@ -34,19 +36,43 @@ def decode_image(data: bytes) -> Tensor:
     return decode_jpeg(raw, mode=ImageReadMode.RGB)
 
 
+def decode_image_file(data: bytes) -> Tensor:
+    """JPEG or PNG bytes -> uint8 ``(3, H, W)`` RGB (alpha dropped, grayscale expanded).
+
+    Raises ``RuntimeError`` on anything torchvision cannot decode.
+    """
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return _decode_any(raw, mode=ImageReadMode.RGB)
+
+
 def resize_square(img: Tensor, size: int) -> Tensor:
     """uint8 ``(3, H, W)`` -> uint8 ``(3, size, size)``, bilinear with antialiasing."""
     return F.resize(img, [size, size], antialias=True)
 
 
-def normalize(img: Tensor, out: Tensor | None = None) -> Tensor:
-    """uint8 ``(..., 3, H, W)`` -> float32 ``(x / 255 - MEAN) / STD``, optionally into ``out``.
+def normalize(
+    img: Tensor,
+    out: Tensor | None = None,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+) -> Tensor:
+    """uint8 ``(..., 3, H, W)`` -> float32 ``(x / 255 - mean) / std``, optionally into ``out``.
 
     Cheapest on a whole batch: the broadcast arithmetic has a per-call cost that dominates on
-    single small images.
+    single small images. ``mean`` / ``std`` come from the model's ``model.json`` at prediction
+    time, so a checkpoint is always fed the statistics it was trained with.
     """
+    mean_255, inv_std_255 = _stats(tuple(mean), tuple(std))
     x = img.to(torch.float32) if out is None else out.copy_(img)
-    return x.sub_(_MEAN_255).mul_(_INV_STD_255)
+    return x.sub_(mean_255).mul_(inv_std_255)
+
+
+@functools.lru_cache(maxsize=8)
+def _stats(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ConfigError(f"normalisation needs 3 means and 3 positive stds, got {mean}, {std}")
+    mean_255 = torch.tensor(mean).view(3, 1, 1) * 255.0  # (3, 1, 1), on the 0..255 scale
+    return mean_255, 1.0 / (torch.tensor(std).view(3, 1, 1) * 255.0)
 
 
 class Preset:
