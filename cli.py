@@ -328,6 +328,213 @@ def evaluate(
     )
 
 
+# ---------------------------------------------------------------------------- prediction
+@app.command("batch-predict")
+def batch_predict(
+    checkpoint: Annotated[Path, typer.Option(help="Model directory from `lcm train`.")],
+    db: Annotated[Path, typer.Option(help="DuckDB file (created if missing).")],
+    run_id: Annotated[str, typer.Option(help="Names this run in the database.")],
+    shards: Annotated[str | None, typer.Option(help="Shard directory or glob.")] = None,
+    images: Annotated[
+        str | None, typer.Option(help="Directory or glob of JPEG/PNG files.")
+    ] = None,
+    weights: Annotated[str, typer.Option(help="raw | ema.")] = "raw",
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    num_workers: Annotated[int, typer.Option(min=0, help="Decoding processes.")] = 2,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    parts: Annotated[
+        Path | None, typer.Option(help="Parquet parts root (default: <db dir>/parts/<db name>).")
+    ] = None,
+    task_runner: Annotated[str, typer.Option(help="thread | dask.")] = "thread",
+    dask_address: Annotated[
+        str | None, typer.Option(help="Scheduler of an existing Dask cluster.")
+    ] = None,
+    replace: Annotated[bool, typer.Option(help="Recompute a run made with other inputs.")] = False,
+    lock_timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for another process's lock.")
+    ] = 60.0,
+) -> None:
+    """Score shards or image files into DuckDB tables (resumable; one row per image x label)."""
+    from flows.predict import batch_predict
+    from lcm.predict import PredictRequest, check_request, check_run_conflict
+
+    if task_runner not in ("thread", "dask"):
+        raise typer.BadParameter("expected thread or dask", param_hint="--task-runner")
+    request = PredictRequest(
+        checkpoint=checkpoint,
+        db=db,
+        run_id=run_id,
+        shards=shards,
+        images=images,
+        weights=weights,  # type: ignore[arg-type]  # checked by check_request
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        parts=parts,
+        replace=replace,
+        lock_timeout=lock_timeout,
+    )
+    meta, source = check_request(request)
+    if check_run_conflict(request, meta, source) == "complete":
+        out.print(f"run {run_id!r} is already complete in {db}: nothing to do", highlight=False)
+        return
+    label = f"scoring {source.total} images in {len(source.units)} shards"
+    with progress_bar(label) as update:
+        run = batch_predict(
+            task_runner,  # type: ignore[arg-type]  # checked above
+            dask_address,
+            checkpoint=str(checkpoint),
+            db=str(db),
+            run_id=run_id,
+            shards=shards,
+            images=images,
+            weights=weights,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            parts=str(parts) if parts else None,
+            replace=replace,
+            lock_timeout=lock_timeout,
+            progress=update,
+        )
+    if run.get("already_complete"):
+        out.print(f"run {run_id!r} is already complete in {db}: nothing to do", highlight=False)
+        return
+    skipped = run["n_skipped"]
+    note = f"; skipped {skipped} images (table skipped_images)" if skipped else ""
+    out.print(
+        f"run {run_id!r}: {run['n_images']} images x {len(meta.classes)} labels in "
+        f"{_count(run['n_shards'], 'shard')} -> {db}{note}",
+        highlight=False,
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+@app.command("query")
+def query(
+    sql: Annotated[str, typer.Argument(help="One SELECT or EXPLAIN statement.")],
+    db: Annotated[Path | None, typer.Option(help="DuckDB file written by batch-predict.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | json | parquet.")] = "table",
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write here, not stdout.")] = None,
+    limit: Annotated[int | None, typer.Option(min=0, help="At most N rows.")] = None,
+    parts: Annotated[
+        Path | None, typer.Option(help="Query the Parquet parts instead of --db.")
+    ] = None,
+) -> None:
+    """Read-only SQL over the predictions (tables: runs, labels, predictions, targets,
+    run_shards, skipped_images; views: predictions_named, scored, image_labels)."""
+    from lcm.io import atomic_write_bytes
+    from lcm.query import encode, run_query
+
+    if fmt not in ("table", "csv", "json", "parquet"):
+        raise typer.BadParameter("expected table, csv, json or parquet", param_hint="--format")
+    shown = limit if limit is not None or fmt != "table" or out_file else TABLE_ROWS
+    table, more = run_query(sql, db=db, parts=parts, limit=shown)
+    if fmt == "table":
+        if out_file:
+            raise typer.BadParameter("--out needs --format csv, json or parquet")
+        _print_table(table, more)
+        return
+    data = encode(table, fmt)  # type: ignore[arg-type]
+    if out_file:
+        atomic_write_bytes(out_file, data)
+        err.print(f"wrote {table.num_rows} rows to {out_file}", highlight=False)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
+TABLE_ROWS = 100  # rows a terminal table shows unless --limit says otherwise
+
+
+def _print_table(table: Any, more: bool) -> None:
+    from rich.table import Table
+
+    view = Table(header_style="bold")
+    for name in table.column_names:
+        view.add_column(name, no_wrap=True)
+    for row in table.to_pylist():
+        view.add_row(*(_cell(v) for v in row.values()))
+    # a pipe or file gets the whole width; a terminal crops rather than folds cells
+    console = out if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
+    console.print(view)
+    tail = " (more rows left out: use --limit N, or --format csv)" if more else ""
+    rows = "1 row" if table.num_rows == 1 else f"{table.num_rows} rows"
+    err.print(f"{rows}{tail}", highlight=False)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "NULL" if value is None else str(value)
+
+
+@app.command("predict")
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="JPEG or PNG files.")],
+    checkpoint: Annotated[Path, typer.Option(help="Model directory from `lcm train`.")],
+    top_k: Annotated[int, typer.Option(min=1)] = 5,
+    weights: str = "raw",
+    device: str = "auto",
+) -> None:
+    """A quick look: the top-k labels and scores of each image (as batch-predict scores them)."""
+    from rich.table import Table
+
+    from lcm.checkpoint import load_for_inference
+    from lcm.predict import score_files
+    from lcm.runtime import select_device
+
+    dev = select_device(device)
+    loaded = load_for_inference(checkpoint, weights, dev)
+    keys, scores, skipped = score_files(images, loaded, dev)
+    view = Table(header_style="bold")
+    view.add_column("image", overflow="fold")
+    for i in range(min(top_k, len(loaded.meta.classes))):
+        view.add_column(f"#{i + 1}")
+    for key, row in zip(keys, scores, strict=True):
+        best = row.argsort()[::-1][:top_k]
+        cells = []
+        for c in best:
+            mark = "*" if row[c] >= loaded.thresholds[c] else ""
+            cells.append(f"{loaded.meta.classes[c]} {row[c]:.3f}{mark}")
+        view.add_row(key, *cells)
+    out.print(view)
+    err.print(f"* at or above the label's threshold ({loaded.threshold_source})", highlight=False)
+    for key, reason in skipped:
+        err.print(f"skipped {key}: {reason}", highlight=False)
+    if skipped:
+        sys.exit(1)
+
+
+@app.command("serve")
+def serve(
+    checkpoint: Annotated[Path, typer.Option(help="Model directory to predict with.")],
+    shards: Annotated[str, typer.Option(help="Shard directory or glob scored each night.")],
+    db: Annotated[Path, typer.Option(help="DuckDB file the scheduled runs write.")],
+    cron: Annotated[str, typer.Option(help="When batch prediction runs.")] = "0 3 * * *",
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron schedule.")] = "UTC",
+    params_file: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+) -> None:
+    """Serve deployments on the Prefect server in PREFECT_API_URL: lcm-batch-predict on the
+    cron schedule (run id scheduled-<date>), lcm-train and lcm-evaluate on demand."""
+    from flows.deploy import serve_deployments
+
+    serve_deployments(
+        checkpoint=checkpoint,
+        shards=shards,
+        db=db,
+        cron=cron,
+        timezone=timezone,
+        params_file=params_file,
+        on_ready=lambda names: err.print(
+            f"serving {', '.join(names)} (Ctrl-C stops and pauses them)", highlight=False
+        ),
+    )
+
+
 @app.command("summary")
 def summary(
     metrics_file: Annotated[Path, typer.Argument()] = Path("metrics/eval/metrics.json"),

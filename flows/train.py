@@ -18,9 +18,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import task_run
 
+from flows.common import retry_unless_user_error
 from lcm.config import Params, params_from_dict, to_dict
 from lcm.engine import Dist, FitResult, fit
-from lcm.errors import LcmError
 from lcm.progress import progress_bar
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
@@ -75,18 +75,7 @@ def run_fit(
         )
 
 
-def _retry_unless_user_error(_task: Any, _run: Any, state: Any) -> bool:
-    """A bad input fails the same way twice: retry only unexpected failures."""
-    try:
-        state.result()
-    except LcmError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-@task(retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_unless_user_error)
+@task(retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error)
 def train_model(
     params: dict[str, Any],
     train_shards: str,

@@ -455,7 +455,9 @@ class _BatchStream(IterableDataset):
         return pixels[:n].numpy(), targets[:n], keys, skipped, one_shard
 
 
-class _Loader:
+class BatchLoader:
+    """Runs a batch stream in DataLoader workers and normalises each batch in this process."""
+
     def __init__(
         self,
         stream: _BatchStream,
@@ -490,7 +492,7 @@ def _as_is(batch: _RawBatch) -> _RawBatch:
     return batch
 
 
-class TrainLoader(_Loader):
+class TrainLoader(BatchLoader):
     """One epoch of one rank. ``len()`` is the batches per epoch (the same on every rank),
     also when ``skip_batches`` makes the iterator start later; ``remaining`` is what it yields."""
 
@@ -502,7 +504,7 @@ class TrainLoader(_Loader):
         return self.stream.plan.num_batches - self.stream.first
 
 
-class EvalLoader(_Loader):
+class EvalLoader(BatchLoader):
     """Every sample once, in shard order; the last batch (with ``align_shards``, each shard's
     last batch) may be smaller."""
 

@@ -1,0 +1,143 @@
+"""Read-only SQL over the prediction store, or over its Parquet parts.
+
+Read-only in fact, not just in name. DuckDB's ``read_only`` still lets SQL write files
+(``COPY ... TO``) and read any file (``read_csv('/etc/passwd')``), so a query connection also
+has external access disabled and its configuration locked, and the statement is parsed first:
+exactly one SELECT or EXPLAIN, or nothing runs.
+
+``--parts`` queries the Parquet parts that batch prediction writes (each complete, written
+atomically) through the same views as the database; useful while a writer holds the file.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from lcm import store
+from lcm.errors import LcmError
+
+Format = Literal["table", "csv", "json", "parquet"]
+ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+MEMORY_LIMIT = "1GB"
+
+
+class QueryError(LcmError):
+    """A refused or failed query."""
+
+
+def check_sql(sql: str) -> None:
+    """Exactly one statement, and a SELECT or EXPLAIN one."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise QueryError(f"cannot parse the query: {_first_line(e)}") from e
+    if len(statements) != 1:
+        raise QueryError(f"expected one statement, got {len(statements)}; run them one by one")
+    kind = statements[0].type
+    if kind not in ALLOWED:
+        raise QueryError(f"only SELECT and EXPLAIN queries run here, not {kind.name}")
+
+
+def connect(db: Path | None = None, parts: Path | None = None) -> duckdb.DuckDBPyConnection:
+    """A locked-down connection to ``db`` (read-only) or to views over ``parts``."""
+    if (db is None) == (parts is None):
+        raise QueryError("give a database (--db) or a parts directory (--parts)")
+    base = {"enable_external_access": False, "memory_limit": MEMORY_LIMIT}
+    if db is not None:
+        if not Path(db).is_file():
+            raise QueryError(f"{db}: no such database (run `lcm batch-predict` first)")
+        hint = f"; wait for it, or query its Parquet parts: --parts {store_parts_hint(db)}"
+        return store.open_db(
+            db, read_only=True, config={**base, "lock_configuration": True}, hint=hint
+        )
+    return _parts_connection(Path(parts))
+
+
+def store_parts_hint(db: Path) -> Path:
+    from lcm.predict import default_parts_root
+
+    return default_parts_root(Path(db))
+
+
+def _parts_connection(parts: Path) -> duckdb.DuckDBPyConnection:
+    from lcm.predict import LABELS_FILE
+
+    if not parts.is_dir():
+        raise QueryError(f"{parts}: not a directory of Parquet parts")
+    root = parts.resolve()
+    # a run's own directory, or the parts root holding one directory per run
+    pattern = "" if any(root.glob("part-*.parquet")) else "*/"
+    if not any(root.glob(f"{pattern}part-*.parquet")):
+        raise QueryError(f"{parts}: holds no part-*.parquet files")
+    con = duckdb.connect(":memory:", config={"memory_limit": MEMORY_LIMIT})
+    # Only the parts directory stays readable; set in this order, then locked below.
+    con.execute("SET allowed_directories = ?", [[f"{root}/"]])
+    con.execute("SET enable_external_access = false")
+    glob = f"{root}/{pattern}part-*.parquet"
+    labels = f"{root}/{pattern}{LABELS_FILE}"
+    con.execute(
+        f"""
+        CREATE VIEW predictions AS
+            SELECT run_id, shard, image_key, label_id, score FROM read_parquet('{glob}');
+        CREATE VIEW targets AS
+            SELECT run_id, image_key, label_id, target FROM read_parquet('{glob}')
+            WHERE target IS NOT NULL;
+        CREATE VIEW labels AS SELECT * FROM read_parquet('{labels}');
+        """
+    )
+    con.execute(store.VIEWS)
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def run_query(
+    sql: str, db: Path | None = None, parts: Path | None = None, limit: int | None = None
+) -> tuple[pa.Table, bool]:
+    """The result (at most ``limit`` rows) and whether rows were left out by the limit."""
+    check_sql(sql)
+    con = connect(db, parts)
+    try:
+        try:
+            reader = con.sql(sql).to_arrow_reader()
+        except duckdb.Error as e:
+            raise QueryError(f"query failed: {_first_line(e)}") from e
+        batches, n, more = [], 0, False
+        for batch in reader:
+            if limit is not None and n + batch.num_rows > limit:
+                batches.append(batch.slice(0, limit - n))
+                more = True
+                break
+            batches.append(batch)
+            n += batch.num_rows
+        return pa.Table.from_batches(batches, schema=reader.schema), more
+    finally:
+        con.close()
+
+
+def encode(table: pa.Table, fmt: Format) -> bytes:
+    """csv, json (one JSON object per row) or parquet bytes of a result."""
+    if fmt == "csv":
+        sink = io.BytesIO()
+        pcsv.write_csv(table, sink)
+        return sink.getvalue()
+    if fmt == "json":
+        import json
+
+        rows = table.to_pylist()
+        return "".join(json.dumps(r, default=str) + "\n" for r in rows).encode()
+    if fmt == "parquet":
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        return sink.getvalue()
+    raise QueryError(f"unknown format {fmt!r}; expected table, csv, json or parquet")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]
