@@ -8,6 +8,7 @@ with exit status 1. Heavy imports (torch, prefect) happen inside the commands so
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,11 +37,41 @@ class App(typer.Typer):
 app = App(help="Multi-label recognition with latent context (LCM).", no_args_is_help=True)
 
 
+class _UserErrorFilter(logging.Filter):
+    """Drops Prefect's ERROR records (with traceback) about an LcmError: the CLI reports
+    those itself, as one line. Unexpected exceptions still show in full."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], LcmError):
+            return False
+        text = record.getMessage()
+        return not any(f"{name}(" in text or f"{name}:" in text for name in _error_names())
+
+
+def _error_names() -> set[str]:
+    names, todo = set(), [LcmError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def _quiet_flow_errors() -> None:
+    """Call before running a flow (Prefect configures its loggers when imported)."""
+    import prefect  # noqa: F401
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
+            logger.addFilter(_UserErrorFilter())
+
+
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Multi-label recognition with latent context (LCM)."""
-    import logging
-
     from rich.logging import RichHandler
 
     # The library logs through `logging`; show its INFO lines (epochs, skipped inputs).
@@ -237,6 +268,7 @@ def train(
         return
     from flows.train import train_flow
 
+    _quiet_flow_errors()
     history = train_flow(
         params=to_dict(params),
         train_shards=shards,
@@ -311,6 +343,7 @@ def evaluate(
     select_device(device)
     if weights not in ("raw", "ema"):
         raise typer.BadParameter("expected raw or ema", param_hint="--weights")
+    _quiet_flow_errors()
     metrics = evaluate_flow(
         checkpoint=str(checkpoint),
         shards=shards,
@@ -335,9 +368,7 @@ def batch_predict(
     db: Annotated[Path, typer.Option(help="DuckDB file (created if missing).")],
     run_id: Annotated[str, typer.Option(help="Names this run in the database.")],
     shards: Annotated[str | None, typer.Option(help="Shard directory or glob.")] = None,
-    images: Annotated[
-        str | None, typer.Option(help="Directory or glob of JPEG/PNG files.")
-    ] = None,
+    images: Annotated[str | None, typer.Option(help="Directory or glob of JPEG/PNG files.")] = None,
     weights: Annotated[str, typer.Option(help="raw | ema.")] = "raw",
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     num_workers: Annotated[int, typer.Option(min=0, help="Decoding processes.")] = 2,
@@ -378,7 +409,8 @@ def batch_predict(
     if check_run_conflict(request, meta, source) == "complete":
         out.print(f"run {run_id!r} is already complete in {db}: nothing to do", highlight=False)
         return
-    label = f"scoring {source.total} images in {len(source.units)} shards"
+    _quiet_flow_errors()
+    label = f"scoring {source.total} images in {_count(len(source.units), 'shard')}"
     with progress_bar(label) as update:
         run = batch_predict(
             task_runner,  # type: ignore[arg-type]  # checked above

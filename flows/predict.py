@@ -18,9 +18,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
-from prefect.utilities.annotations import unmapped
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import unmapped
 
 from flows.common import retry_unless_user_error
 from lcm import predict as lp
@@ -135,8 +135,14 @@ def batch_predict_flow(
     create_table_artifact(
         key="batch-predict-shards",
         table=[
-            {"shard": p.shard, "images": p.n_images, "skipped": len(p.skipped),
-             "rows": p.n_rows, "worker": p.worker, "seconds": round(p.seconds, 2)}  # fmt: skip
+            {
+                "shard": p.shard,
+                "images": p.n_images,
+                "skipped": len(p.skipped),
+                "rows": p.n_rows,
+                "worker": p.worker,
+                "seconds": round(p.seconds, 2),
+            }  # fmt: skip
             for p in parts_done
         ],
         description=f"run {request.run_id} into {db}",

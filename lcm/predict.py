@@ -58,7 +58,6 @@ PART_SCHEMA = pa.schema(
         ("target", pa.int8()),  # null when the source carries no labels
     ]
 )
-LABELS_FILE = "labels.parquet"
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class PredictRequest:
 
     @property
     def parts_root(self) -> Path:
-        return self.parts if self.parts is not None else default_parts_root(self.db)
+        return self.parts if self.parts is not None else store.default_parts_root(self.db)
 
     @property
     def run_parts(self) -> Path:
@@ -87,10 +86,6 @@ class PredictRequest:
     def params(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "num_workers": self.num_workers,
                 "device": self.device, "weights": self.weights}  # fmt: skip
-
-
-def default_parts_root(db: Path) -> Path:
-    return Path(db).parent / "parts" / Path(db).stem
 
 
 @dataclass(frozen=True)
@@ -231,6 +226,8 @@ def _refuse_other_work(req: PredictRequest, record: store.RunRecord, row: dict) 
         )
         if ours != theirs
     ]
+    if "weights" in what:  # the digest covers the weights file: it differs with them
+        what.remove("model")
     raise ConfigError(
         f"{req.db}: run {req.run_id!r} was made with another {' and '.join(what)} "
         f"({row['model_dir']}, {row['weights']}, {row['source']}); pass --replace to "
@@ -324,7 +321,7 @@ def _write_labels(
         }
     )
     req.run_parts.mkdir(parents=True, exist_ok=True)
-    with atomic_path(req.run_parts / LABELS_FILE) as tmp:
+    with atomic_path(req.run_parts / store.LABELS_FILE) as tmp:
         pq.write_table(table, tmp)
 
 

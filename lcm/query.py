@@ -53,22 +53,15 @@ def connect(db: Path | None = None, parts: Path | None = None) -> duckdb.DuckDBP
     if db is not None:
         if not Path(db).is_file():
             raise QueryError(f"{db}: no such database (run `lcm batch-predict` first)")
-        hint = f"; wait for it, or query its Parquet parts: --parts {store_parts_hint(db)}"
+        parts_root = store.default_parts_root(Path(db))
+        hint = f"; wait for it, or query its Parquet parts: --parts {parts_root}"
         return store.open_db(
             db, read_only=True, config={**base, "lock_configuration": True}, hint=hint
         )
     return _parts_connection(Path(parts))
 
 
-def store_parts_hint(db: Path) -> Path:
-    from lcm.predict import default_parts_root
-
-    return default_parts_root(Path(db))
-
-
 def _parts_connection(parts: Path) -> duckdb.DuckDBPyConnection:
-    from lcm.predict import LABELS_FILE
-
     if not parts.is_dir():
         raise QueryError(f"{parts}: not a directory of Parquet parts")
     root = parts.resolve()
@@ -81,7 +74,7 @@ def _parts_connection(parts: Path) -> duckdb.DuckDBPyConnection:
     con.execute("SET allowed_directories = ?", [[f"{root}/"]])
     con.execute("SET enable_external_access = false")
     glob = f"{root}/{pattern}part-*.parquet"
-    labels = f"{root}/{pattern}{LABELS_FILE}"
+    labels = f"{root}/{pattern}{store.LABELS_FILE}"
     con.execute(
         f"""
         CREATE VIEW predictions AS

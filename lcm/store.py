@@ -36,6 +36,7 @@ import pyarrow as pa
 from lcm.errors import DataError, LcmError
 
 SCHEMA_VERSION = 1
+LABELS_FILE = "labels.parquet"  # a run's labels, beside its Parquet parts
 MEMORY_LIMIT = "2GB"  # the merge streams from Parquet; DuckDB spills past this
 
 _TABLES = """
@@ -117,6 +118,12 @@ FROM predictions_named GROUP BY run_id, image_key;
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
 _RUN_TABLES = ("predictions", "targets", "run_shards", "skipped_images", "labels", "runs")
+
+
+def default_parts_root(db: Path) -> Path:
+    """Where a database's Parquet parts live unless told otherwise: <db dir>/parts/<db stem>,
+    one directory per run inside."""
+    return Path(db).parent / "parts" / Path(db).stem
 
 
 class StoreLockedError(LcmError):

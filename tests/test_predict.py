@@ -1,0 +1,284 @@
+"""`lcm batch-predict`: exact scores, idempotent re-runs, SIGKILL at any point, skipped
+images, image folders, Dask, and the checks made before a flow starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lcm.checkpoint import load_for_inference, model_digest, save_thresholds
+from lcm.errors import CheckpointError, ConfigError, DataError
+from lcm.predict import PredictRequest, check_request, score_files
+from tests._engine_fixtures import CLASSES, ROOT, cli_env, lcm_cmd
+from tests._predict_fixtures import (
+    copy_model,
+    corrupt_one_jpeg,
+    direct_scores,
+    fetch,
+    make_trained,
+    stored,
+)
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+N_IMAGES, N_SHARDS, C = 32, 4, len(CLASSES)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return make_trained(tmp_path_factory.mktemp("predict"))
+
+
+def run_flow(model, db, run_id, runner="thread", **kw):
+    from flows.predict import batch_predict
+
+    kw = {"num_workers": 0, "device": "cpu", "batch_size": 3, **kw}
+    return batch_predict(runner, None, checkpoint=str(model), db=str(db), run_id=run_id, **kw)
+
+
+def api_env(tmp_path):
+    """`lcm` subprocesses talk to the session's test server (no server start of their own)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**cli_env(tmp_path), "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def test_scores_labels_and_targets_match_the_model(trained, tmp_path):
+    model = copy_model(trained, tmp_path / "model")
+    thresholds = np.array([0.2, 0.4, 0.6, 0.8])
+    save_thresholds(model / "thresholds.json", CLASSES, thresholds)
+    run = run_flow(model, tmp_path / "p.duckdb", "r1", shards=str(trained.shards))
+    db = tmp_path / "p.duckdb"
+
+    direct = direct_scores(model, trained.shards)
+    got = stored(db, "r1")
+    assert len(got) == N_IMAGES * C and set(got) == set(direct)
+    assert max(abs(got[k] - direct[k][0]) for k in got) < 1e-6
+    labels = fetch(db, "SELECT label_id, name, threshold, threshold_source FROM labels ORDER BY 1")
+    assert [r[1] for r in labels] == list(CLASSES)
+    assert [r[2] for r in labels] == pytest.approx(thresholds.tolist())
+    assert all(r[3].endswith("thresholds.json") for r in labels)
+    targets = {
+        (k, c): t for k, c, t in fetch(db, "SELECT image_key, label_id, target FROM targets")
+    }
+    assert targets == {k: v[1] for k, v in direct.items()}
+    assert run["status"] == "complete" and run["n_images"] == N_IMAGES
+    assert run["n_shards"] == N_SHARDS and run["n_skipped"] == 0
+    assert run["model_sha256"] == model_digest(model, "raw")
+    # the views: names, the thresholds' verdict, and predictions beside targets
+    predicted = fetch(db, "SELECT image_key, label_id, predicted FROM predictions_named")
+    assert all(p == (got[(k, c)] >= thresholds[c]) for k, c, p in predicted)
+    assert fetch(db, "SELECT count(*) FROM scored")[0][0] == N_IMAGES * C
+
+
+def test_rerun_is_a_noop_another_model_is_refused_and_replace_swaps(trained, tmp_path):
+    db = tmp_path / "p.duckdb"
+    run_flow(trained.model, db, "r", shards=str(trained.shards))
+    everything = "SELECT * FROM {} ORDER BY ALL"
+    before = {t: fetch(db, everything.format(t)) for t in ("predictions", "run_shards", "runs")}
+
+    again = run_flow(trained.model, db, "r", shards=str(trained.shards))
+    assert again["already_complete"]
+    assert {t: fetch(db, everything.format(t)) for t in before} == before
+
+    with pytest.raises(ConfigError, match="another weights.*--replace"):
+        run_flow(trained.model, db, "r", shards=str(trained.shards), weights="ema")
+    assert fetch(db, everything.format("predictions")) == before["predictions"]
+
+    run_flow(trained.model, db, "r", shards=str(trained.shards), weights="ema", replace=True)
+    raw, ema = before["predictions"], stored(db, "r")
+    assert len(ema) == len(raw) == N_IMAGES * C
+    direct = direct_scores(trained.model, trained.shards, "ema")
+    assert max(abs(ema[k] - direct[k][0]) for k in ema) < 1e-6
+    assert any(abs(ema[(k, c)] - s) > 1e-4 for _, _, k, c, s in raw)  # really other scores
+    assert fetch(db, "SELECT weights, status FROM runs") == [("ema", "complete")]
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import lcm.predict, lcm.store
+
+    def die_after(fn):
+        def wrapped(*args):
+            fn(*args)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return wrapped
+
+    if sys.argv[1] == "commit":  # right after the first shard's transaction commits
+        lcm.store.merge_part = die_after(lcm.store.merge_part)
+    else:  # right after the first part file is written, before anything is committed
+        lcm.predict.write_part = die_after(lcm.predict.write_part)
+    from cli import app
+    app(sys.argv[2:], prog_name="lcm")
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["part", "commit"])
+def test_sigkill_then_rerun_gives_every_row_once_bit_identical(trained, tmp_path, stage):
+    env = api_env(tmp_path)
+    args = ["batch-predict", "--checkpoint", str(trained.model), "--shards", str(trained.shards),
+            "--run-id", "night", "--num-workers", "0", "--batch-size", "3", "--device", "cpu"]  # fmt: skip
+    db, ref = tmp_path / "p.duckdb", tmp_path / "ref.duckdb"
+    subprocess.run(lcm_cmd(*args, "--db", str(ref)), env=env, check=True, capture_output=True)
+
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER.format(root=str(ROOT)))
+    cmd = [sys.executable, str(killer), stage, *args, "--db", str(db)]
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    committed = fetch(db, "SELECT count(*) FROM run_shards")[0][0]
+    assert committed == (1 if stage == "commit" else 0)
+
+    rerun = subprocess.run(lcm_cmd(*args, "--db", str(db)), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert stored(db, "night") == stored(ref, "night")  # bit-identical, every key
+    for table, key in (("predictions", "image_key, label_id"), ("targets", "image_key, label_id"),
+                       ("run_shards", "shard")):  # fmt: skip
+        total, distinct = fetch(db, f"SELECT count(*), count(DISTINCT ({key})) FROM {table}")[0]
+        assert total == distinct, f"duplicates in {table}"
+    assert fetch(db, "SELECT count(*) FROM predictions")[0][0] == N_IMAGES * C
+    assert fetch(db, "SELECT count(*), sum(n_images) FROM run_shards")[0] == (N_SHARDS, N_IMAGES)
+    assert fetch(db, "SELECT status, n_images FROM runs") == [("complete", N_IMAGES)]
+
+
+def test_corrupt_jpeg_is_skipped_here_but_fails_evaluate(trained, tmp_path):
+    bad = tmp_path / "bad"
+    key = corrupt_one_jpeg(trained.shards, bad)
+    db = tmp_path / "p.duckdb"
+    run = run_flow(trained.model, db, "b", shards=str(bad))
+    skipped = fetch(db, "SELECT shard, image_key, reason FROM skipped_images")
+    assert len(skipped) == 1 and skipped[0][:2] == ("shard-000001", key)
+    assert "JPEG" in skipped[0][2]
+    assert fetch(db, "SELECT count(*) FROM predictions")[0][0] == (N_IMAGES - 1) * C
+    assert fetch(db, "SELECT count(*) FROM predictions WHERE image_key = ?", key)[0][0] == 0
+    assert (run["n_images"], run["n_skipped"]) == (N_IMAGES - 1, 1)
+
+    cmd = lcm_cmd("evaluate", "--checkpoint", str(trained.model), "--shards", str(bad),
+                  "--out", str(tmp_path / "ev"), "--num-workers", "0", "--device", "cpu")  # fmt: skip
+    res = subprocess.run(cmd, env=api_env(tmp_path), capture_output=True, text=True)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "cannot decode" in lines[0], res.stderr
+
+
+def test_image_folder_skips_escapes_and_matches_lcm_predict(trained, tmp_path):
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    sources = sorted(trained.images.glob("*.jpg"))[:5]
+    for i, src in enumerate(sources[:4]):
+        (root / ("sub" if i % 2 else ".") / src.name).write_bytes(src.read_bytes())
+    Image.open(sources[4]).save(root / "as.png")  # PNG is scored too
+    (root / "notes.jpg").write_text("not an image")  # undecodable: skipped in its group
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(sources[0].read_bytes())
+    (root / "escape.jpg").symlink_to(outside)  # leaves the root: skipped, never read
+    db = tmp_path / "p.duckdb"
+    run = run_flow(trained.model, db, "i", images=str(root))
+
+    skipped = dict(fetch(db, "SELECT image_key, shard FROM skipped_images"))
+    assert skipped == {"escape.jpg": None, "notes.jpg": "images-000000"}
+    got = stored(db, "i")
+    keys = sorted({k for k, _ in got})
+    scored = [*root.rglob("im*.jpg"), root / "as.png"]
+    assert keys == sorted(p.relative_to(root).as_posix() for p in scored)
+    assert fetch(db, "SELECT count(*) FROM targets")[0][0] == 0  # image files carry no labels
+    assert (run["n_images"], run["n_skipped"]) == (5, 2)
+
+    loaded = load_for_inference(trained.model, "raw", torch.device("cpu"))
+    files = [root / k for k in keys]
+    quick_keys, scores, _ = score_files(files, loaded, torch.device("cpu"), batch_size=2)
+    for key, row in zip(keys, scores, strict=True):
+        assert max(abs(got[(key, c)] - row[c]) for c in range(C)) < 1e-6
+    assert quick_keys == [str(f) for f in files]
+
+    res = subprocess.run(
+        lcm_cmd(
+            "predict",
+            str(root / "as.png"),
+            "--checkpoint",
+            str(trained.model),
+            "--top-k",
+            "2",
+            "--device",
+            "cpu",
+        ),  # fmt: skip
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    best = int(np.argmax([got[("as.png", c)] for c in range(C)]))
+    assert f"{CLASSES[best]} {got[('as.png', best)]:.3f}" in res.stdout
+
+
+@pytest.mark.slow
+def test_dask_runner_gives_the_same_tables_from_two_worker_processes(trained, tmp_path):
+    threads = run_flow(trained.model, tmp_path / "t.duckdb", "r", shards=str(trained.shards))
+    dask = run_flow(trained.model, tmp_path / "d.duckdb", "r", "dask", shards=str(trained.shards))
+    assert (threads["n_images"], threads["status"]) == (dask["n_images"], dask["status"])
+    t, d = stored(tmp_path / "t.duckdb", "r"), stored(tmp_path / "d.duckdb", "r")
+    assert set(t) == set(d) and max(abs(t[k] - d[k]) for k in t) < 1e-6
+    for table in ("targets", "labels", "skipped_images"):
+        sql = f"SELECT * EXCLUDE (run_id) FROM {table} ORDER BY ALL"
+        assert fetch(tmp_path / "t.duckdb", sql) == fetch(tmp_path / "d.duckdb", sql)
+    sql = "SELECT shard, n_images, n_rows FROM run_shards ORDER BY ALL"
+    assert fetch(tmp_path / "t.duckdb", sql) == fetch(tmp_path / "d.duckdb", sql)
+    workers = {w for (w,) in fetch(tmp_path / "d.duckdb", "SELECT worker FROM run_shards")}
+    pids = {int(w.rsplit(":", 1)[1]) for w in workers}
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_inputs_are_checked_before_anything_starts(trained, tmp_path):
+    def req(**kw):
+        base = {"checkpoint": trained.model, "db": tmp_path / "p.duckdb", "run_id": "ok",
+                "shards": str(trained.shards)}  # fmt: skip
+        return PredictRequest(**{**base, **kw})
+
+    with pytest.raises(ConfigError, match="run id"):
+        check_request(req(run_id="../etc"))
+    with pytest.raises(ConfigError, match="exactly one of --shards or --images"):
+        check_request(req(images=str(trained.images)))
+    with pytest.raises(CheckpointError, match="model.json"):
+        check_request(req(checkpoint=tmp_path))
+    with pytest.raises(DataError, match="no shard file matches"):
+        check_request(req(shards=str(tmp_path / "none-*.tar")))
+    with pytest.raises(ConfigError, match="is a directory"):
+        check_request(req(db=tmp_path))
+    with pytest.raises(ConfigError, match="device"):
+        check_request(req(device="tpu"))
+    other = copy_model(trained, tmp_path / "other")
+    (other / "model.json").write_text(
+        (other / "model.json").read_text().replace('"square"', '"circle"')
+    )
+    with pytest.raises(CheckpointError, match="classes differ"):
+        check_request(req(checkpoint=other))
+    assert not (tmp_path / "p.duckdb").exists()
+
+    res = subprocess.run(
+        lcm_cmd(
+            "batch-predict",
+            "--checkpoint",
+            str(trained.model),
+            "--shards",
+            str(trained.shards),
+            "--db",
+            str(tmp_path / "p.duckdb"),
+            "--run-id",
+            "a b",
+        ),  # fmt: skip
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "p.duckdb").exists()
