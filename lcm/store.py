@@ -264,19 +264,18 @@ def create_run(
                 run.flow_run_id,
             ],
         )
-        names = [n for n, _ in labels]
-        label_table = pa.table(
+        label_rows = pa.table(
             {
                 "run_id": pa.array([run.run_id] * len(labels), pa.string()),
                 "label_id": pa.array(range(len(labels)), pa.int16()),
-                "name": pa.array(names, pa.string()),
+                "name": pa.array([n for n, _ in labels], pa.string()),
                 "threshold": pa.array([t for _, t in labels], pa.float64()),
                 "threshold_source": pa.array([threshold_source] * len(labels), pa.string()),
             }
         )
-        con.execute("INSERT INTO labels SELECT * FROM label_table")
+        con.from_arrow(label_rows).insert_into("labels")
         if listing_skips:
-            skip_table = pa.table(
+            skip_rows = pa.table(
                 {
                     "run_id": pa.array([run.run_id] * len(listing_skips), pa.string()),
                     "shard": pa.nulls(len(listing_skips), pa.string()),
@@ -284,7 +283,7 @@ def create_run(
                     "reason": pa.array([r for _, r in listing_skips], pa.string()),
                 }
             )
-            con.execute("INSERT INTO skipped_images SELECT * FROM skip_table")
+            con.from_arrow(skip_rows).insert_into("skipped_images")
 
 
 def mark_flow_run(con: duckdb.DuckDBPyConnection, run_id: str, flow_run_id: str | None) -> None:
@@ -356,7 +355,7 @@ def merge_part(con: duckdb.DuckDBPyConnection, part: PartRecord) -> None:
                     "reason": [r for _, r in part.skipped],
                 }
             )
-            con.execute("INSERT INTO skipped_images SELECT * FROM skipped")
+            con.from_arrow(skipped).insert_into("skipped_images")
         con.execute(
             "INSERT INTO run_shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [

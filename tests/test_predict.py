@@ -126,8 +126,21 @@ KILLER = textwrap.dedent(
 @pytest.mark.parametrize("stage", ["part", "commit"])
 def test_sigkill_then_rerun_gives_every_row_once_bit_identical(trained, tmp_path, stage):
     env = api_env(tmp_path)
-    args = ["batch-predict", "--checkpoint", str(trained.model), "--shards", str(trained.shards),
-            "--run-id", "night", "--num-workers", "0", "--batch-size", "3", "--device", "cpu"]  # fmt: skip
+    args = [
+        "batch-predict",
+        "--checkpoint",
+        str(trained.model),
+        "--shards",
+        str(trained.shards),
+        "--run-id",
+        "night",
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+    ]
     db, ref = tmp_path / "p.duckdb", tmp_path / "ref.duckdb"
     subprocess.run(lcm_cmd(*args, "--db", str(ref)), env=env, check=True, capture_output=True)
 
@@ -142,8 +155,11 @@ def test_sigkill_then_rerun_gives_every_row_once_bit_identical(trained, tmp_path
     rerun = subprocess.run(lcm_cmd(*args, "--db", str(db)), env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert stored(db, "night") == stored(ref, "night")  # bit-identical, every key
-    for table, key in (("predictions", "image_key, label_id"), ("targets", "image_key, label_id"),
-                       ("run_shards", "shard")):  # fmt: skip
+    for table, key in (
+        ("predictions", "image_key, label_id"),
+        ("targets", "image_key, label_id"),
+        ("run_shards", "shard"),
+    ):
         total, distinct = fetch(db, f"SELECT count(*), count(DISTINCT ({key})) FROM {table}")[0]
         assert total == distinct, f"duplicates in {table}"
     assert fetch(db, "SELECT count(*) FROM predictions")[0][0] == N_IMAGES * C
@@ -163,8 +179,19 @@ def test_corrupt_jpeg_is_skipped_here_but_fails_evaluate(trained, tmp_path):
     assert fetch(db, "SELECT count(*) FROM predictions WHERE image_key = ?", key)[0][0] == 0
     assert (run["n_images"], run["n_skipped"]) == (N_IMAGES - 1, 1)
 
-    cmd = lcm_cmd("evaluate", "--checkpoint", str(trained.model), "--shards", str(bad),
-                  "--out", str(tmp_path / "ev"), "--num-workers", "0", "--device", "cpu")  # fmt: skip
+    cmd = lcm_cmd(
+        "evaluate",
+        "--checkpoint",
+        str(trained.model),
+        "--shards",
+        str(bad),
+        "--out",
+        str(tmp_path / "ev"),
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    )
     res = subprocess.run(cmd, env=api_env(tmp_path), capture_output=True, text=True)
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
@@ -211,7 +238,7 @@ def test_image_folder_skips_escapes_and_matches_lcm_predict(trained, tmp_path):
             "2",
             "--device",
             "cpu",
-        ),  # fmt: skip
+        ),
         env=cli_env(tmp_path),
         capture_output=True,
         text=True,
@@ -240,8 +267,12 @@ def test_dask_runner_gives_the_same_tables_from_two_worker_processes(trained, tm
 
 def test_inputs_are_checked_before_anything_starts(trained, tmp_path):
     def req(**kw):
-        base = {"checkpoint": trained.model, "db": tmp_path / "p.duckdb", "run_id": "ok",
-                "shards": str(trained.shards)}  # fmt: skip
+        base = {
+            "checkpoint": trained.model,
+            "db": tmp_path / "p.duckdb",
+            "run_id": "ok",
+            "shards": str(trained.shards),
+        }
         return PredictRequest(**{**base, **kw})
 
     with pytest.raises(ConfigError, match="run id"):
@@ -275,7 +306,7 @@ def test_inputs_are_checked_before_anything_starts(trained, tmp_path):
             str(tmp_path / "p.duckdb"),
             "--run-id",
             "a b",
-        ),  # fmt: skip
+        ),
         env=cli_env(tmp_path),
         capture_output=True,
         text=True,
