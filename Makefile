@@ -24,9 +24,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The demo's closing question to the prediction store (README: more worked queries).
+DEMO_SQL := SELECT name AS label, count(*) AS images FROM predictions_named WHERE predicted GROUP BY name ORDER BY images DESC, name LIMIT 5
+
 demo: $(STAMP)
 	$(BIN)/dvc repro
 	@$(BIN)/lcm summary
+	@echo "the five labels predicted most often on val ($(DEMO_SQL)):"
+	@$(BIN)/lcm query --db predictions/synth.duckdb "$(DEMO_SQL)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

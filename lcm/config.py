@@ -104,6 +104,15 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class PredictConfig:
+    """The demo pipeline's batch prediction of the validation shards (`lcm batch-predict`)."""
+
+    run_id: str = "val"
+    batch_size: int = 64
+    weights: Literal["raw", "ema"] = "raw"
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -113,6 +122,7 @@ class Params:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
 
 def _check_value(value: Any, tp: Any, where: str) -> Any:
