@@ -142,7 +142,7 @@ def batch_predict_flow(
                 "rows": p.n_rows,
                 "worker": p.worker,
                 "seconds": round(p.seconds, 2),
-            }  # fmt: skip
+            }
             for p in parts_done
         ],
         description=f"run {request.run_id} into {db}",

@@ -84,8 +84,12 @@ class PredictRequest:
         return self.parts_root / self.run_id
 
     def params(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "num_workers": self.num_workers,
-                "device": self.device, "weights": self.weights}  # fmt: skip
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "device": self.device,
+            "weights": self.weights,
+        }
 
 
 @dataclass(frozen=True)
@@ -250,8 +254,12 @@ def start_run(req: PredictRequest, flow_run_id: str | None = None) -> RunPlan:
                 return RunPlan(req.run_id, digest, True, (), (), len(source.units), 0)
             committed = store.committed_shards(con, req.run_id)
             store.mark_flow_run(con, req.run_id, flow_run_id)
-            log.info("resuming run %s: %d of %d shards committed", req.run_id,
-                     len(committed), len(source.units))  # fmt: skip
+            log.info(
+                "resuming run %s: %d of %d shards committed",
+                req.run_id,
+                len(committed),
+                len(source.units),
+            )
         else:
             if row is not None:  # --replace: its parts first, then its rows (one transaction)
                 shutil.rmtree(req.run_parts, ignore_errors=True)
@@ -410,8 +418,13 @@ def part_table(
 
 
 def _loader(unit: Unit, meta: ckpt.ModelMeta, batch_size: int, workers: int) -> Any:
-    common = dict(batch_size=batch_size, image_size=meta.image_size, num_workers=workers,
-                  mean=meta.mean, std=meta.std)  # fmt: skip
+    common = dict(
+        batch_size=batch_size,
+        image_size=meta.image_size,
+        num_workers=workers,
+        mean=meta.mean,
+        std=meta.std,
+    )
     if unit.shard is not None:
         from lcm.data.shards import eval_loader
 

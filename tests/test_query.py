@@ -27,8 +27,14 @@ def db(tmp_path_factory, prefect_harness):
     root = tmp_path_factory.mktemp("query")
     trained = make_trained(root)
     path = root / "p.duckdb"
-    batch_predict(checkpoint=str(trained.model), db=str(path), run_id="r",
-                  shards=str(trained.shards), num_workers=0, device="cpu")  # fmt: skip
+    batch_predict(
+        checkpoint=str(trained.model),
+        db=str(path),
+        run_id="r",
+        shards=str(trained.shards),
+        num_workers=0,
+        device="cpu",
+    )
     return path
 
 
@@ -98,10 +104,17 @@ def test_csv_json_parquet_hold_the_right_values(db, tmp_path):
 
 def test_a_writer_holding_the_file_is_named_and_parts_still_answer(db, tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1]); "
-         "print('ready', flush=True); sys.stdin.read()", str(db)],  # fmt: skip
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys; c = duckdb.connect(sys.argv[1]); "
+            "print('ready', flush=True); sys.stdin.read()",
+            str(db),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         res = lcm_query(tmp_path, "--db", str(db), "SELECT count(*) FROM predictions")

@@ -62,10 +62,22 @@ def test_serve_runs_the_scheduled_deployment_into_duckdb(trained, tmp_path):
     env = {**cli_env(tmp_path), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("server", "serve")}  # noqa: SIM115
     server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],  # fmt: skip
-        env=env, stdout=logs["server"], stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=logs["server"],
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     serve = None
     try:
         client = httpx.Client(base_url=api, timeout=10)
@@ -79,12 +91,25 @@ def test_serve_runs_the_scheduled_deployment_into_duckdb(trained, tmp_path):
         wait_for("the server's health", healthy, 120, [server])
         db = tmp_path / "nightly.duckdb"
         serve = subprocess.Popen(
-            lcm_cmd("serve", "--checkpoint", str(trained.model), "--shards",
-                    str(trained.shards), "--db", str(db), "--cron", "0 3 * * *",
-                    "--params", str(trained.model.parent / "params.yaml")),  # fmt: skip
-            env={**env, "PREFECT_API_URL": api}, cwd=tmp_path,
-            stdout=logs["serve"], stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            lcm_cmd(
+                "serve",
+                "--checkpoint",
+                str(trained.model),
+                "--shards",
+                str(trained.shards),
+                "--db",
+                str(db),
+                "--cron",
+                "0 3 * * *",
+                "--params",
+                str(trained.model.parent / "params.yaml"),
+            ),
+            env={**env, "PREFECT_API_URL": api},
+            cwd=tmp_path,
+            stdout=logs["serve"],
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
         def deployment(name):
             r = client.get(f"/deployments/name/{name}/{name}")
@@ -121,10 +146,18 @@ def test_serve_runs_the_scheduled_deployment_into_duckdb(trained, tmp_path):
 
 def test_serve_refuses_a_bad_cron_before_registering_anything(trained, tmp_path):
     env = {**cli_env(tmp_path), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
-    args = ["serve", "--checkpoint", str(trained.model), "--shards", str(trained.shards),
-            "--db", str(tmp_path / "n.duckdb")]  # fmt: skip
-    res = subprocess.run(lcm_cmd(*args, "--cron", "61 * * * *"), env=env, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    args = [
+        "serve",
+        "--checkpoint",
+        str(trained.model),
+        "--shards",
+        str(trained.shards),
+        "--db",
+        str(tmp_path / "n.duckdb"),
+    ]
+    res = subprocess.run(
+        lcm_cmd(*args, "--cron", "61 * * * *"), env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "invalid schedule" in res.stderr
     no_api = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
