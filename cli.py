@@ -415,19 +415,8 @@ def batch_predict(
         run = batch_predict(
             task_runner,  # type: ignore[arg-type]  # checked above
             dask_address,
-            checkpoint=str(checkpoint),
-            db=str(db),
-            run_id=run_id,
-            shards=shards,
-            images=images,
-            weights=weights,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=device,
-            parts=str(parts) if parts else None,
-            replace=replace,
-            lock_timeout=lock_timeout,
             progress=update,
+            **request.flow_params(),
         )
     if run.get("already_complete"):
         out.print(f"run {run_id!r} is already complete in {db}: nothing to do", highlight=False)

@@ -151,23 +151,26 @@ class LoadedModel:
     digest: str  # model_digest() of the directory and weights
 
 
-def load_for_inference(model_dir: Path, weights: str, device: torch.device) -> LoadedModel:
-    """Load ``model.json``, the raw or EMA weights and the thresholds of a model directory."""
+def load_for_inference(
+    model_dir: Path, weights: str, device: torch.device, thresholds: bool = True
+) -> LoadedModel:
+    """Load ``model.json``, the raw or EMA weights and the thresholds of a model directory
+    (``thresholds=False``: 0.5 everywhere, for the evaluation that calibrates new ones)."""
     from lcm.models import build_model  # models import torchvision: only when a model is built
 
     meta = load_meta(model_dir)
     model = build_model(meta.model, len(meta.classes), branch=False)
     load_weights(model, model_dir, weights)
     th_path = Path(model_dir) / THRESHOLDS_FILE
-    if th_path.is_file():
-        thresholds, source = load_thresholds(th_path, meta.classes), str(th_path)
+    if thresholds and th_path.is_file():
+        values, source = load_thresholds(th_path, meta.classes), str(th_path)
     else:
-        thresholds, source = np.full(len(meta.classes), 0.5), "default 0.5"
+        values, source = np.full(len(meta.classes), 0.5), "default 0.5"
     return LoadedModel(
         model=model.to(device).eval(),
         meta=meta,
         weights=weights,
-        thresholds=thresholds,
+        thresholds=values,
         threshold_source=source,
         digest=model_digest(model_dir, weights),
     )

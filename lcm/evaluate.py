@@ -39,7 +39,7 @@ def evaluate_checkpoint(
 ) -> EvalResult:
     device = select_device(req.device)
     paths, info = resolve_shards(req.shards)
-    loaded = ckpt.load_for_inference(req.checkpoint, req.weights, device)
+    loaded = ckpt.load_for_inference(req.checkpoint, req.weights, device, thresholds=False)
     meta = loaded.meta
     if tuple(info.classes) != meta.classes:
         raise CheckpointError(

@@ -83,6 +83,11 @@ class PredictRequest:
     def run_parts(self) -> Path:
         return self.parts_root / self.run_id
 
+    def flow_params(self) -> dict[str, Any]:
+        """The request as the batch-prediction flow's (JSON-friendly) parameters."""
+        raw = dataclasses.asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in raw.items()}
+
     def params(self) -> dict[str, Any]:
         return {
             "batch_size": self.batch_size,
@@ -184,19 +189,20 @@ def check_request(req: PredictRequest) -> tuple[ckpt.ModelMeta, Source]:
             f"{req.checkpoint}: the model's {len(meta.classes)} classes differ from the "
             f"{len(source.classes)} classes of {source.spec}"
         )
-    _check_writable(req.db)
-    _check_writable(req.parts_root / "x")
+    if req.db.is_dir():
+        raise ConfigError(f"{req.db}: is a directory, expected a database file path")
+    _check_writable(req.db.parent)
+    _check_writable(req.parts_root)
     return meta, source
 
 
-def _check_writable(path: Path) -> None:
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a directory, expected a database file path")
-    parent = path.parent
+def _check_writable(folder: Path) -> None:
+    """``folder`` exists as a writable directory, or can be created inside one."""
+    parent = folder
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{path}: cannot write here ({parent} is not a writable directory)")
+        raise ConfigError(f"{folder}: cannot write here ({parent} is not a writable directory)")
 
 
 def check_run_conflict(req: PredictRequest, meta: ckpt.ModelMeta, source: Source) -> str | None:
@@ -308,6 +314,7 @@ def _record(
 
 
 def _thresholds(model_dir: Path, meta: ckpt.ModelMeta) -> tuple[np.ndarray, str]:
+    """The calibrated thresholds beside the model, else 0.5 (as ``load_for_inference``)."""
     path = Path(model_dir) / ckpt.THRESHOLDS_FILE
     if path.is_file():
         return ckpt.load_thresholds(path, meta.classes), str(path)
