@@ -158,7 +158,8 @@ def open_db(
             holder = lock_holder(e)
             if holder is None:
                 raise DataError(f"{db}: cannot open as a DuckDB database ({_first_line(e)})") from e
-            if time.monotonic() + delay > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 program, pid = holder
                 waited = f" after waiting {timeout:g} s" if timeout else ""
                 raise StoreLockedError(
@@ -166,7 +167,7 @@ def open_db(
                     f"process per file{hint}",
                     pid,
                 ) from e
-            time.sleep(delay)
+            time.sleep(min(delay, left))
             delay = min(delay * 2, 1.0)
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcm.checkpoint import load_meta, load_state
+from lcm.checkpoint import load_for_inference, load_meta, load_state
 from lcm.config import load_params
 from lcm.engine import Ema, fit
-from lcm.evaluate import load_model
 from tests._engine_fixtures import cli_env, lcm_cmd, make_tiny_data, write_params
 
 
@@ -37,7 +36,7 @@ def test_fit_writes_checkpoint_and_reports_raw_and_ema(data, tmp_path):
     meta = load_meta(tmp_path / "model")
     assert meta.classes == ("red", "green", "blue", "square")
     assert meta.image_size == 32
-    model, _ = load_model(tmp_path / "model", "ema", torch.device("cpu"))
+    model = load_for_inference(tmp_path / "model", "ema", torch.device("cpu")).model
     assert model(torch.zeros(2, 3, 32, 32)).logits.shape == (2, 4)
     state = load_state(tmp_path / "model")
     assert state["epoch"] == 2 and state["batch"] == 0 and state["step"] == result.steps
@@ -147,7 +146,8 @@ def test_ddp_two_processes_disjoint_equal_steps(data, tmp_path):
     assert len(keys[0]) == len(keys[1]) == (48 // (2 * 8)) * 8  # same number of steps
     assert not set(keys[0]) & set(keys[1])  # disjoint samples
     assert load_state(out)["step"] == 48 // (2 * 8)
-    model, meta = load_model(out, "raw", torch.device("cpu"))
+    loaded = load_for_inference(out, "raw", torch.device("cpu"))
+    model, meta = loaded.model, loaded.meta
     assert meta.classes == ("red", "green", "blue", "square")
     assert model(torch.zeros(1, 3, 32, 32)).logits.shape == (1, 4)
 
