@@ -3,6 +3,7 @@ images, image folders, Dask, and the checks made before a flow starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -104,7 +105,7 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    import lcm.predict, lcm.store
+    import lcm.predict.parts, lcm.store
 
     def die_after(fn):
         def wrapped(*args):
@@ -115,7 +116,7 @@ KILLER = textwrap.dedent(
     if sys.argv[1] == "commit":  # right after the first shard's transaction commits
         lcm.store.merge_part = die_after(lcm.store.merge_part)
     else:  # right after the first part file is written, before anything is committed
-        lcm.predict.write_part = die_after(lcm.predict.write_part)
+        lcm.predict.parts.write_part = die_after(lcm.predict.parts.write_part)
     from cli import app
     app(sys.argv[2:], prog_name="lcm")
     """
@@ -313,3 +314,30 @@ def test_inputs_are_checked_before_anything_starts(trained, tmp_path):
     )
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "p.duckdb").exists()
+
+
+def test_aligned_eval_batches_never_span_shards_and_keep_their_scores(trained):
+    from lcm.data.shards import eval_loader, resolve_shards
+
+    paths, info = resolve_shards(trained.shards)
+    aligned = list(
+        eval_loader((paths, info), batch_size=3, image_size=32, num_workers=2, align_shards=True)
+    )
+    assert [len(b.keys) for b in aligned] == [3, 3, 2] * N_SHARDS
+    assert [b.shard for b in aligned] == [s for s in range(N_SHARDS) for _ in range(3)]
+    plain = list(eval_loader((paths, info), batch_size=3, image_size=32, num_workers=0))
+    assert [len(b.keys) for b in plain] == [3] * 10 + [2]
+    assert None in {b.shard for b in plain}  # unaligned, some batches span two shards
+    assert [k for b in aligned for k in b.keys] == [k for b in plain for k in b.keys]
+    # one shard alone gives the same batches, so its scores do not depend on the others
+    one = dataclasses.replace(info, shards=(info.shards[2],), total=8)
+    alone = list(
+        eval_loader(
+            ([paths[2]], one), batch_size=3, image_size=32, num_workers=0, align_shards=True
+        )
+    )
+    assert [b.keys for b in alone] == [b.keys for b in aligned if b.shard == 2]
+    assert all(
+        torch.equal(a.images, b.images)
+        for a, b in zip(alone, [b for b in aligned if b.shard == 2], strict=True)
+    )

@@ -46,10 +46,9 @@ def test_merging_a_part_twice_replaces_it(tmp_path):
     assert fetch(db, "SELECT count(*) FROM run_shards")[0][0] == 2
     rows = fetch(db, "SELECT label_id, score FROM predictions WHERE image_key = 'k1'")
     assert sorted(rows) == [(c, pytest.approx(float(s0[1, c]))) for c in range(3)]
-    assert fetch(db, "SELECT name, predicted FROM predictions_named WHERE image_key = 'k0' "
-                     "ORDER BY label_id") == [
-        (n, bool(s0[0, c] >= t)) for c, (n, t) in enumerate(LABELS)
-    ]  # fmt: skip
+    assert fetch(
+        db, "SELECT name, predicted FROM predictions_named WHERE image_key = 'k0' ORDER BY label_id"
+    ) == [(n, bool(s0[0, c] >= t)) for c, (n, t) in enumerate(LABELS)]
     with store.writer(db, 0) as con:  # the run again from scratch: old rows gone at once
         store.create_run(con, RUN, LABELS, "default 0.5")
     assert fetch(db, "SELECT count(*) FROM predictions")[0][0] == 0
@@ -63,20 +62,24 @@ def test_writer_waits_for_a_lock_then_names_the_holder(tmp_path):
         "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ready', flush=True);"
         "time.sleep(float(sys.argv[2]))"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(db), "60"],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(db), "60"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         t0 = time.monotonic()
-        with pytest.raises(store.StoreLockedError, match=f"PID {holder.pid}") as err, \
-                store.writer(db, 1.0):  # fmt: skip
+        with (
+            pytest.raises(store.StoreLockedError, match=f"PID {holder.pid}") as err,
+            store.writer(db, 1.0),
+        ):
             pass
         assert err.value.pid == holder.pid and time.monotonic() - t0 >= 1.0
     finally:
         holder.kill()
         holder.wait()
-    brief = subprocess.Popen([sys.executable, "-c", code, str(db), "1.5"],
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    brief = subprocess.Popen(
+        [sys.executable, "-c", code, str(db), "1.5"], stdout=subprocess.PIPE, text=True
+    )
     assert brief.stdout.readline().strip() == "ready"
     with store.writer(db, 30) as con:  # waits for the holder to finish, then writes
         assert con.execute("SELECT count(*) FROM runs").fetchone() == (0,)
@@ -86,8 +89,10 @@ def test_writer_waits_for_a_lock_then_names_the_holder(tmp_path):
 def test_not_a_database_and_another_schema_are_one_line_errors(tmp_path):
     junk = tmp_path / "junk.duckdb"
     junk.write_text("not a database")
-    with pytest.raises(DataError, match="junk.duckdb: cannot open as a DuckDB database"), \
-            store.writer(junk, 0):  # fmt: skip
+    with (
+        pytest.raises(DataError, match="junk.duckdb: cannot open as a DuckDB database"),
+        store.writer(junk, 0),
+    ):
         pass
     db = tmp_path / "p.duckdb"
     with store.writer(db, 0) as con:

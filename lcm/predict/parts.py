@@ -1,0 +1,111 @@
+"""Parquet parts: one shard's scores in long format, written atomically, with what the merge needs
+in the file's metadata; and the run's labels beside them (for `lcm query --parts`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lcm import checkpoint as ckpt
+from lcm import store
+from lcm.io import atomic_path
+from lcm.predict.request import PredictRequest, Unit
+
+PART_META = b"lcm.part"
+PART_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("shard", pa.string()),
+        ("image_key", pa.string()),
+        ("label_id", pa.int16()),
+        ("score", pa.float32()),
+        ("target", pa.int8()),  # null when the source carries no labels
+    ]
+)
+
+
+def part_path(req: PredictRequest, unit: Unit) -> Path:
+    return req.run_parts / f"part-{unit.name}.parquet"
+
+
+def write_part(path: Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def part_table(
+    run_id: str,
+    shard: str,
+    keys: list[str],
+    scores: list[np.ndarray],
+    targets: list[np.ndarray],
+    n_classes: int,
+) -> pa.Table:
+    """Long format, one row per (image, class), in stream order then class order."""
+    n = len(keys)
+    score = np.concatenate(scores).reshape(-1) if n else np.zeros(0, np.float32)
+    target_arr = np.concatenate(targets) if n else np.zeros((0, 0), np.float32)
+    if target_arr.shape[1] == n_classes:
+        target = pa.array(target_arr.reshape(-1).astype(np.int8), pa.int8())
+    else:  # image folders carry no labels
+        target = pa.nulls(n * n_classes, pa.int8())
+    zeros = pa.array(np.zeros(n * n_classes, np.int32))
+    key_index = pa.array(np.repeat(np.arange(n, dtype=np.int32), n_classes))
+    columns = [
+        pa.DictionaryArray.from_arrays(zeros, pa.array([run_id])).cast(pa.string()),
+        pa.DictionaryArray.from_arrays(zeros, pa.array([shard])).cast(pa.string()),
+        pa.DictionaryArray.from_arrays(key_index, pa.array(keys, pa.string())).cast(pa.string()),
+        pa.array(np.tile(np.arange(n_classes, dtype=np.int16), n)),
+        pa.array(score.astype(np.float32, copy=False)),
+        target,
+    ]
+    return pa.Table.from_arrays(columns, schema=PART_SCHEMA)
+
+
+def read_part_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return json.loads(metadata[PART_META])
+    except (OSError, pa.ArrowInvalid, KeyError, json.JSONDecodeError):
+        return None
+
+
+def reusable_part(req: PredictRequest, unit: Unit, digest: str) -> store.PartRecord | None:
+    """A part an interrupted run already wrote for exactly this unit and model."""
+    path = part_path(req, unit)
+    meta = read_part_meta(path) if path.is_file() else None
+    if not meta or (meta["run_id"], meta["model_sha256"], meta["unit_digest"]) != (
+        req.run_id,
+        digest,
+        unit.digest,
+    ):
+        return None
+    fields = {f.name for f in dataclasses.fields(store.PartRecord)}
+    kept = {k: v for k, v in meta.items() if k in fields}
+    kept["skipped"] = tuple(tuple(s) for s in kept["skipped"])
+    return store.PartRecord(**kept)
+
+
+def write_labels(
+    req: PredictRequest, meta: ckpt.ModelMeta, thresholds: np.ndarray, source: str
+) -> None:
+    """The run's labels beside its parts, so `lcm query --parts` can name them."""
+    n = len(meta.classes)
+    table = pa.table(
+        {
+            "run_id": pa.array([req.run_id] * n, pa.string()),
+            "label_id": pa.array(range(n), pa.int16()),
+            "name": pa.array(meta.classes, pa.string()),
+            "threshold": pa.array(thresholds, pa.float64()),
+            "threshold_source": pa.array([source] * n, pa.string()),
+        }
+    )
+    req.run_parts.mkdir(parents=True, exist_ok=True)
+    with atomic_path(req.run_parts / store.LABELS_FILE) as tmp:
+        pq.write_table(table, tmp)

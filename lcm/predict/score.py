@@ -1,0 +1,130 @@
+"""Scoring one unit (a shard, or a group of image files) into its Parquet part; the model is
+loaded once per process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcm import checkpoint as ckpt
+from lcm import store
+from lcm.errors import CheckpointError, DataError
+from lcm.predict import parts
+from lcm.predict.request import PredictRequest, Unit
+
+
+def score_unit(req: PredictRequest, unit: Unit, model_sha256: str) -> store.PartRecord:
+    """Score one unit and write its part atomically; returns what the merge needs."""
+    from lcm.inference import score_batches
+    from lcm.runtime import amp_dtype, select_device
+
+    t0 = time.perf_counter()
+    device = select_device(req.device)
+    loaded = load_model_once(req.checkpoint, req.weights, device)
+    if loaded.digest != model_sha256:
+        raise CheckpointError(
+            f"{req.checkpoint}: the model changed while run {req.run_id!r} was running; "
+            "pass --replace to score everything with the new one"
+        )
+    # Dask workers are daemonic and may not start DataLoader worker processes.
+    workers = 0 if multiprocessing.current_process().daemon else req.num_workers
+    keys: list[str] = []
+    scores: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    loader = _loader(unit, loaded.meta, req.batch_size, workers)
+    for batch in score_batches(loaded.model, loader, device, amp_dtype("auto", device)):
+        skipped.extend(batch.skipped)
+        if batch.keys:
+            keys.extend(batch.keys)
+            scores.append(batch.scores)
+            targets.append(batch.targets)
+    n_classes = len(loaded.meta.classes)
+    table = parts.part_table(req.run_id, unit.name, keys, scores, targets, n_classes)
+    record = store.PartRecord(
+        run_id=req.run_id,
+        shard=unit.name,
+        path=str(parts.part_path(req, unit)),
+        n_images=len(keys),
+        skipped=tuple(skipped),
+        n_rows=table.num_rows,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        seconds=time.perf_counter() - t0,
+    )
+    meta = {"model_sha256": model_sha256, "unit_digest": unit.digest, **dataclasses.asdict(record)}
+    table = table.replace_schema_metadata({parts.PART_META: json.dumps(meta)})
+    Path(record.path).parent.mkdir(parents=True, exist_ok=True)
+    parts.write_part(Path(record.path), table)
+    return record
+
+
+def _loader(unit: Unit, meta: ckpt.ModelMeta, batch_size: int, workers: int) -> Any:
+    common = dict(
+        batch_size=batch_size,
+        image_size=meta.image_size,
+        num_workers=workers,
+        mean=meta.mean,
+        std=meta.std,
+    )
+    if unit.shard is not None:
+        from lcm.data.shards import eval_loader
+
+        path, info = unit.shard
+        return eval_loader(([Path(path)], info), align_shards=True, skip_bad=True, **common)
+    from lcm.data.images import image_loader
+
+    return image_loader(Path(unit.root or "."), unit.files, **common)
+
+
+_MODELS: dict[tuple, ckpt.LoadedModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def load_model_once(model_dir: Path, weights: str, device: Any) -> ckpt.LoadedModel:
+    """One loaded model per process (and model files, weights, device): tasks of a run
+    that land in the same process or Dask worker share it."""
+    files = (Path(model_dir) / ckpt.MODEL_JSON, ckpt.weights_path(model_dir, weights))
+    stamps = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    key = (weights, str(device), stamps)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS.clear()  # one model at a time: a new one replaces the last
+            _MODELS[key] = ckpt.load_for_inference(Path(model_dir), weights, device)
+        return _MODELS[key]
+
+
+def score_files(
+    files: list[Path], loaded: ckpt.LoadedModel, device: Any, batch_size: int = 64
+) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """Scores ``(N, C)`` of image files, preprocessed exactly as batch prediction does."""
+    from lcm.data.images import image_loader
+    from lcm.inference import predict
+    from lcm.runtime import amp_dtype
+
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: no such image file")
+    loader = image_loader(
+        Path("."),
+        [str(f) for f in files],
+        batch_size=batch_size,
+        image_size=loaded.meta.image_size,
+        num_workers=0,
+        mean=loaded.meta.mean,
+        std=loaded.meta.std,
+    )
+    skipped: list[tuple[str, str]] = []
+    batches = list(loader)
+    for b in batches:
+        skipped.extend(b.skipped)
+    keys, scores, _ = predict(loaded.model, batches, device, amp_dtype("auto", device))
+    return keys, scores, skipped
