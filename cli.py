@@ -371,7 +371,9 @@ def batch_predict(
     images: Annotated[str | None, typer.Option(help="Directory or glob of JPEG/PNG files.")] = None,
     weights: Annotated[str, typer.Option(help="raw | ema.")] = "raw",
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    num_workers: Annotated[int, typer.Option(min=0, help="Decoding processes.")] = 2,
+    num_workers: Annotated[
+        int | None, typer.Option(min=0, help="Decoding processes [default: 2 on CUDA, 0 on CPU].")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     parts: Annotated[
         Path | None, typer.Option(help="Parquet parts root (default: <db dir>/parts/<db name>).")

@@ -88,7 +88,7 @@ def batch_predict_flow(
     images: str | None = None,
     weights: Literal["raw", "ema"] = "raw",
     batch_size: int = 64,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     device: str = "auto",
     parts: str | None = None,
     replace: bool = False,

@@ -27,7 +27,7 @@ class PredictRequest:
     images: str | None = None  # ... or an image directory or glob
     weights: Literal["raw", "ema"] = "raw"
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int | None = None  # decoding processes; None: 2 on CUDA, 0 on CPU
     device: str = "auto"
     parts: Path | None = None  # parts root; default: <db dir>/parts/<db stem>
     replace: bool = False
@@ -117,7 +117,7 @@ def check_request(req: PredictRequest) -> tuple[ckpt.ModelMeta, Source]:
             f"run id {req.run_id!r}: use 1-128 letters, digits, '.', '_', ':' or '-', "
             "starting with a letter or digit"
         )
-    if req.batch_size < 1 or req.num_workers < 0 or req.lock_timeout < 0:
+    if req.batch_size < 1 or (req.num_workers or 0) < 0 or req.lock_timeout < 0:
         raise ConfigError("--batch-size must be >= 1, --num-workers and --lock-timeout >= 0")
     if req.weights not in ("raw", "ema"):
         raise ConfigError(f"--weights {req.weights!r}: expected raw or ema")

@@ -22,6 +22,18 @@ from lcm.predict import parts
 from lcm.predict.request import PredictRequest, Unit
 
 
+def decoding_workers(asked: int | None, device: Any) -> int:
+    """DataLoader processes for decoding. By default 2 on CUDA (the CPU decodes while the GPU
+    runs the model) and 0 on CPU, where they would compete with the model for the same cores
+    (measured on 2 cores: 0.84 of the forward-only rate with 2 workers, 0.94 with none). Dask
+    workers are daemonic and may not start any."""
+    if multiprocessing.current_process().daemon:
+        return 0
+    if asked is not None:
+        return asked
+    return 2 if device.type == "cuda" else 0
+
+
 def score_unit(req: PredictRequest, unit: Unit, model_sha256: str) -> store.PartRecord:
     """Score one unit and write its part atomically; returns what the merge needs."""
     from lcm.inference import score_batches
@@ -36,7 +48,7 @@ def score_unit(req: PredictRequest, unit: Unit, model_sha256: str) -> store.Part
             "pass --replace to score everything with the new one"
         )
     # Dask workers are daemonic and may not start DataLoader worker processes.
-    workers = 0 if multiprocessing.current_process().daemon else req.num_workers
+    workers = decoding_workers(req.num_workers, device)
     keys: list[str] = []
     scores: list[np.ndarray] = []
     targets: list[np.ndarray] = []
