@@ -491,7 +491,7 @@ def _print_table(table: Any, more: bool) -> None:
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.6g}"
     return "NULL" if value is None else str(value)
 
 
