@@ -463,6 +463,7 @@ def query(
         return
     data = encode(table, fmt)  # type: ignore[arg-type]
     if out_file:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out_file, data)
         err.print(f"wrote {table.num_rows} rows to {out_file}", highlight=False)
     else:

@@ -79,7 +79,7 @@ def run_library_path(req: PredictRequest) -> float:
     t0 = time.perf_counter()
     plan = start_run(req)
     parts = [score_unit(req, unit, plan.model_sha256) for unit in plan.pending]
-    merge_parts(req, parts)
+    merge_parts(req, parts, plan.model_sha256)
     return time.perf_counter() - t0
 
 
@@ -196,7 +196,8 @@ def sample():
 watcher = threading.Thread(target=sample)
 watcher.start()
 plan = start_run(req)
-merge_parts(req, [score_unit(req, u, plan.model_sha256) for u in plan.pending])
+merge_parts(req, [score_unit(req, u, plan.model_sha256) for u in plan.pending],
+            plan.model_sha256)
 done.set()
 watcher.join()
 print(json.dumps({{"loaded": before / 2**20, "run_peak": peak[0] / 2**20,

@@ -46,8 +46,10 @@ def score_shard(request: lp.PredictRequest, unit: lp.Unit, model_sha256: str) ->
 
 
 @task(cache_policy=NONE)
-def merge_parts(request: lp.PredictRequest, parts: list[PartRecord]) -> dict[str, Any]:
-    return lp.merge_parts(request, parts)
+def merge_parts(
+    request: lp.PredictRequest, parts: list[PartRecord], model_sha256: str
+) -> dict[str, Any]:
+    return lp.merge_parts(request, parts, model_sha256)
 
 
 def task_runner(kind: Literal["thread", "dask"], dask_address: str | None = None) -> Any:
@@ -131,7 +133,7 @@ def batch_predict_flow(
             progress(images_done, images_total)
     order = {u.name: i for i, u in enumerate(plan.pending)}
     parts_done.sort(key=lambda p: (order.get(p.shard, -1), p.shard))
-    run = merge_parts(request, parts_done)
+    run = merge_parts(request, parts_done, plan.model_sha256)
     create_table_artifact(
         key="batch-predict-shards",
         table=[

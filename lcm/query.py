@@ -12,8 +12,9 @@ atomically) through the same views as the database; useful while a writer holds 
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import duckdb
 import pyarrow as pa
@@ -24,7 +25,6 @@ from lcm import store
 from lcm.errors import LcmError
 
 Format = Literal["table", "csv", "json", "parquet"]
-ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 MEMORY_LIMIT = "1GB"
 
 
@@ -32,17 +32,35 @@ class QueryError(LcmError):
     """A refused or failed query."""
 
 
+_LEADING_COMMENTS = re.compile(r"^(\s+|--[^\n]*(\n|$)|/\*.*?\*/)*", re.DOTALL)
+# EXPLAIN [ANALYZE] [(options)] <statement>; ANALYZE runs the statement, so it is checked too
+_EXPLAIN = re.compile(
+    r"EXPLAIN\s+(?:\([^)]*\)\s*)?(?:ANALY[SZ]E\b\s*)?(?:\([^)]*\)\s*)?(?P<inner>.*)",
+    re.DOTALL | re.IGNORECASE,
+)
+
+
 def check_sql(sql: str) -> None:
-    """Exactly one statement, and a SELECT or EXPLAIN one."""
+    """Exactly one statement: a SELECT, or an EXPLAIN of a SELECT."""
+    statement = _one_statement(sql)
+    if statement.type == duckdb.StatementType.SELECT:
+        return
+    if statement.type != duckdb.StatementType.EXPLAIN:
+        raise QueryError(f"only SELECT and EXPLAIN queries run here, not {statement.type.name}")
+    m = _EXPLAIN.fullmatch(_LEADING_COMMENTS.sub("", statement.query, count=1))
+    inner = _one_statement(m.group("inner")) if m else None
+    if inner is None or inner.type != duckdb.StatementType.SELECT:
+        raise QueryError("EXPLAIN runs here only on a SELECT statement")
+
+
+def _one_statement(sql: str) -> Any:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
         raise QueryError(f"cannot parse the query: {_first_line(e)}") from e
     if len(statements) != 1:
         raise QueryError(f"expected one statement, got {len(statements)}; run them one by one")
-    kind = statements[0].type
-    if kind not in ALLOWED:
-        raise QueryError(f"only SELECT and EXPLAIN queries run here, not {kind.name}")
+    return statements[0]
 
 
 def connect(db: Path | None = None, parts: Path | None = None) -> duckdb.DuckDBPyConnection:
@@ -65,6 +83,8 @@ def _parts_connection(parts: Path) -> duckdb.DuckDBPyConnection:
     if not parts.is_dir():
         raise QueryError(f"{parts}: not a directory of Parquet parts")
     root = parts.resolve()
+    if set(str(root)) & set("'*?[]{}\\"):
+        raise QueryError(f"{parts}: quotes and wildcards in the path are not supported here")
     # a run's own directory, or the parts root holding one directory per run
     pattern = "" if any(root.glob("part-*.parquet")) else "*/"
     if not any(root.glob(f"{pattern}part-*.parquet")):
@@ -75,17 +95,21 @@ def _parts_connection(parts: Path) -> duckdb.DuckDBPyConnection:
     con.execute("SET enable_external_access = false")
     glob = f"{root}/{pattern}part-*.parquet"
     labels = f"{root}/{pattern}{store.LABELS_FILE}"
-    con.execute(
-        f"""
-        CREATE VIEW predictions AS
-            SELECT run_id, shard, image_key, label_id, score FROM read_parquet('{glob}');
-        CREATE VIEW targets AS
-            SELECT run_id, image_key, label_id, target FROM read_parquet('{glob}')
-            WHERE target IS NOT NULL;
-        CREATE VIEW labels AS SELECT * FROM read_parquet('{labels}');
-        """
-    )
-    con.execute(store.VIEWS)
+    try:
+        con.execute(
+            f"""
+            CREATE VIEW predictions AS
+                SELECT run_id, shard, image_key, label_id, score FROM read_parquet('{glob}');
+            CREATE VIEW targets AS
+                SELECT run_id, image_key, label_id, target FROM read_parquet('{glob}')
+                WHERE target IS NOT NULL;
+            CREATE VIEW labels AS SELECT * FROM read_parquet('{labels}');
+            """
+        )
+        con.execute(store.VIEWS)
+    except duckdb.Error as e:
+        con.close()
+        raise QueryError(f"{parts}: not readable as prediction parts ({_first_line(e)})") from e
     con.execute("SET lock_configuration = true")
     return con
 
@@ -102,13 +126,16 @@ def run_query(
         except duckdb.Error as e:
             raise QueryError(f"query failed: {_first_line(e)}") from e
         batches, n, more = [], 0, False
-        for batch in reader:
-            if limit is not None and n + batch.num_rows > limit:
-                batches.append(batch.slice(0, limit - n))
-                more = True
-                break
-            batches.append(batch)
-            n += batch.num_rows
+        try:  # errors can also surface while rows stream (a failed cast in row 50,000)
+            for batch in reader:
+                if limit is not None and n + batch.num_rows > limit:
+                    batches.append(batch.slice(0, limit - n))
+                    more = True
+                    break
+                batches.append(batch)
+                n += batch.num_rows
+        except (OSError, pa.ArrowException, duckdb.Error) as e:
+            raise QueryError(f"query failed: {_first_line(e)}") from e
         return pa.Table.from_batches(batches, schema=reader.schema), more
     finally:
         con.close()

@@ -32,6 +32,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lcm.errors import DataError, LcmError
 
@@ -324,6 +325,18 @@ def merge_part(con: duckdb.DuckDBPyConnection, part: PartRecord) -> None:
     first merge skips the deletes, which would otherwise scan the growing tables each time.
     """
     args = [part.run_id, part.shard]
+    try:  # read here, not by DuckDB: a path is data, never a glob pattern
+        rows = pq.read_table(part.path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{part.path}: cannot read this part ({e})") from e
+    con.register("part_rows", rows)
+    try:
+        _merge(con, part, args)
+    finally:
+        con.unregister("part_rows")
+
+
+def _merge(con: duckdb.DuckDBPyConnection, part: PartRecord, args: list[str]) -> None:
     with transaction(con):
         merged = con.execute(
             "SELECT count(*) FROM run_shards WHERE run_id = ? AND shard = ?", args
@@ -332,20 +345,18 @@ def merge_part(con: duckdb.DuckDBPyConnection, part: PartRecord) -> None:
             con.execute("DELETE FROM predictions WHERE run_id = ? AND shard = ?", args)
             con.execute(
                 "DELETE FROM targets WHERE run_id = ? AND image_key IN "
-                "(SELECT image_key FROM read_parquet(?))",
-                [part.run_id, part.path],
+                "(SELECT image_key FROM part_rows)",
+                [part.run_id],
             )
             con.execute("DELETE FROM skipped_images WHERE run_id = ? AND shard = ?", args)
             con.execute("DELETE FROM run_shards WHERE run_id = ? AND shard = ?", args)
         con.execute(
             "INSERT INTO predictions SELECT run_id, shard, image_key, label_id, score "
-            "FROM read_parquet(?)",
-            [part.path],
+            "FROM part_rows"
         )
         con.execute(
             "INSERT INTO targets SELECT run_id, image_key, label_id, target "
-            "FROM read_parquet(?) WHERE target IS NOT NULL",
-            [part.path],
+            "FROM part_rows WHERE target IS NOT NULL"
         )
         if part.skipped:
             skipped = pa.table(

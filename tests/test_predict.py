@@ -341,3 +341,49 @@ def test_aligned_eval_batches_never_span_shards_and_keep_their_scores(trained):
         torch.equal(a.images, b.images)
         for a, b in zip(alone, [b for b in aligned if b.shard == 2], strict=True)
     )
+
+
+def test_a_run_replaced_meanwhile_is_not_merged_into_and_parts_need_equal_settings(
+    trained, tmp_path
+):
+    from lcm.predict import merge_parts, score_unit, start_run
+
+    base = {
+        "checkpoint": trained.model,
+        "db": tmp_path / "p.duckdb",
+        "run_id": "r",
+        "shards": str(trained.shards),
+        "num_workers": 0,
+        "device": "cpu",
+        "batch_size": 4,
+    }
+    raw = PredictRequest(**base)
+    plan = start_run(raw)
+    done = [score_unit(raw, plan.pending[0], plan.model_sha256)]
+    # an interrupted run's part is reused only when scored the same way
+    assert [p.shard for p in start_run(raw).reused] == [done[0].shard]
+    assert start_run(PredictRequest(**{**base, "batch_size": 5})).reused == ()
+    # another process replaces the run with other weights before this one merges
+    start_run(PredictRequest(**{**base, "weights": "ema", "replace": True}))
+    with pytest.raises(ConfigError, match="replaced by another process"):
+        merge_parts(raw, done, plan.model_sha256)
+    assert fetch(tmp_path / "p.duckdb", "SELECT count(*) FROM predictions")[0][0] == 0
+    assert fetch(tmp_path / "p.duckdb", "SELECT weights FROM runs") == [("ema",)]
+
+
+def test_glob_listing_skips_symlinked_folders(tmp_path):
+    from lcm.data.images import list_images
+
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "sub" / "a.jpg")
+    Image.new("RGB", (8, 8)).save(elsewhere / "b.jpg")
+    (root / "inside").symlink_to(root / "sub")  # stays in the root, still not followed
+    (root / "outside").symlink_to(elsewhere)
+    listing = list_images(root)
+    assert [f for g in listing.groups for f in g.files] == ["sub/a.jpg"]
+    assert {k for k, _ in listing.skipped} == {"inside", "outside"}
+    listing = list_images(f"{root}/**/*.jpg")  # glob's ** walks into symlinked folders
+    assert [f for g in listing.groups for f in g.files] == ["sub/a.jpg"]
+    assert {k for k, _ in listing.skipped} == {"inside/a.jpg", "outside/b.jpg"}

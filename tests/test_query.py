@@ -58,6 +58,8 @@ def fingerprint(path):
         "ATTACH '{tmp}/other.duckdb'",
         "SELECT * FROM read_csv('/etc/passwd')",
         "SELECT 1; DELETE FROM predictions",
+        "EXPLAIN ANALYZE COPY predictions TO '{tmp}/out.csv'",
+        "EXPLAIN (ANALYZE) DELETE FROM predictions",
         "SELECT * FROM read_parquet('{tmp}/../*.parquet')",
     ],
 )
@@ -129,5 +131,11 @@ def test_a_writer_holding_the_file_is_named_and_parts_still_answer(db, tmp_path)
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
+    parts = default_parts_root(db)
     with pytest.raises(QueryError, match="disabled by configuration"):
-        run_query("SELECT * FROM read_csv('/etc/passwd')", parts=default_parts_root(db))
+        run_query("SELECT * FROM read_csv('/etc/passwd')", parts=parts)
+    before = sorted(p.name for p in parts.rglob("*"))
+    evil = parts / "r" / "part-evil.parquet"
+    with pytest.raises(QueryError, match="only on a SELECT"):  # ANALYZE would run the COPY
+        run_query(f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{evil}'", parts=parts)
+    assert sorted(p.name for p in parts.rglob("*")) == before

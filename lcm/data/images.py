@@ -71,6 +71,10 @@ def list_images(spec: str | Path, group_size: int = GROUP_SIZE) -> ImageListing:
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.is_dir():
             continue
+        folders = [root / d for d in path.relative_to(root).parents if d != Path(".")]
+        if any(d.is_symlink() for d in folders):  # a glob's ** walks into symlinked folders
+            skipped.append((rel, "inside a symlinked directory, not followed"))
+            continue
         if not path.resolve().is_relative_to(real_root):
             skipped.append((rel, "leaves the image root (symlink or ..), not followed"))
             continue
@@ -111,8 +115,11 @@ class _FileStream(IterableDataset):
     """Batches ``w, w + W, ...`` of a file list in worker ``w`` of ``W`` (the DataLoader
     collects them round-robin, so they arrive in file order)."""
 
-    def __init__(self, root: Path, files: Sequence[str], batch_size: int, size: int) -> None:
+    def __init__(
+        self, root: Path, files: Sequence[str], batch_size: int, size: int, confine: bool
+    ) -> None:
         self.root, self.files, self.batch_size, self.size = root, list(files), batch_size, size
+        self.real_root = root.resolve() if confine else None
         self.num_batches = -(-len(self.files) // batch_size)
 
     def __iter__(self) -> Iterator[tuple]:
@@ -127,8 +134,12 @@ class _FileStream(IterableDataset):
             keys: list[str] = []
             skipped: list[tuple[str, str]] = []
             for rel in chunk:
+                path = self.root / rel
+                if self.real_root and not path.resolve().is_relative_to(self.real_root):
+                    skipped.append((rel, "leaves the image root (symlink or ..), not followed"))
+                    continue
                 try:
-                    img = decode_image_file((self.root / rel).read_bytes())  # (3, H, W)
+                    img = decode_image_file(path.read_bytes())  # (3, H, W)
                 except (OSError, RuntimeError) as e:
                     skipped.append((rel, f"cannot read or decode ({str(e).splitlines()[0]})"))
                     continue
@@ -154,6 +165,9 @@ def image_loader(
     num_workers: int,
     mean: Sequence[float] = MEAN,
     std: Sequence[float] = STD,
+    confine: bool = True,
 ) -> ImageLoader:
-    stream = _FileStream(root, files, batch_size, image_size)
+    """``confine``: skip a file whose real path has left ``root`` since it was listed (a file
+    swapped for a symlink); off for files a user names one by one (`lcm predict`)."""
+    stream = _FileStream(root, files, batch_size, image_size, confine)
     return ImageLoader(stream, num_workers, False, mean, std)

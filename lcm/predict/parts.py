@@ -76,15 +76,18 @@ def read_part_meta(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def reusable_part(req: PredictRequest, unit: Unit, digest: str) -> store.PartRecord | None:
-    """A part an interrupted run already wrote for exactly this unit and model."""
+_REUSE_KEYS = ("run_id", "model_sha256", "unit_digest", "scoring")
+
+
+def reusable_part(
+    req: PredictRequest, unit: Unit, digest: str, settings: str
+) -> store.PartRecord | None:
+    """A part an interrupted run already wrote for exactly this unit and model, scored the
+    same way (device, precision, batch size: any of them can change the last bits)."""
     path = part_path(req, unit)
     meta = read_part_meta(path) if path.is_file() else None
-    if not meta or (meta["run_id"], meta["model_sha256"], meta["unit_digest"]) != (
-        req.run_id,
-        digest,
-        unit.digest,
-    ):
+    wanted = (req.run_id, digest, unit.digest, settings)
+    if not meta or tuple(meta.get(k) for k in _REUSE_KEYS) != wanted:
         return None
     fields = {f.name for f in dataclasses.fields(store.PartRecord)}
     kept = {k: v for k, v in meta.items() if k in fields}

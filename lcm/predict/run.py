@@ -12,7 +12,7 @@ import numpy as np
 
 from lcm import checkpoint as ckpt
 from lcm import store
-from lcm.errors import DataError
+from lcm.errors import ConfigError, DataError
 from lcm.predict import parts
 from lcm.predict.request import (
     PredictRequest,
@@ -21,6 +21,7 @@ from lcm.predict.request import (
     refuse_other_work,
     run_record,
 )
+from lcm.predict.score import scoring_settings
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,18 @@ def start_run(req: PredictRequest, flow_run_id: str | None = None) -> RunPlan:
                 len(source.units),
             )
         else:
-            if row is not None:  # --replace: its parts first, then its rows (one transaction)
+            if req.replace:  # its parts first, then its rows (one transaction)
                 shutil.rmtree(req.run_parts, ignore_errors=True)
             labels = list(zip(meta.classes, thresholds.tolist(), strict=True))
             store.create_run(con, record, labels, th_source, source.listing_skips)
             committed = set()
     parts.write_labels(req, meta, thresholds, th_source)
     pending, reused = [], []
+    settings = scoring_settings(req)
     for unit in source.units:
         if unit.name in committed:
             continue
-        part = parts.reusable_part(req, unit, digest)
+        part = parts.reusable_part(req, unit, digest, settings)
         (reused if part else pending).append(part or unit)
     return RunPlan(
         req.run_id,
@@ -88,16 +90,31 @@ def _thresholds(model_dir: Path, meta: ckpt.ModelMeta) -> tuple[np.ndarray, str]
     return np.full(len(meta.classes), 0.5), "default 0.5"
 
 
-def merge_parts(req: PredictRequest, parts: list[store.PartRecord]) -> dict[str, Any]:
-    """Merge each part in its own transaction, then mark the run complete."""
+def merge_parts(
+    req: PredictRequest, done: list[store.PartRecord], model_sha256: str
+) -> dict[str, Any]:
+    """Merge each part in its own transaction, then mark the run complete.
+
+    Only into the run this process started: if another process replaced the run meanwhile
+    (``--replace`` with another model), nothing is merged.
+    """
     with store.writer(req.db, req.lock_timeout) as con:
+        run = store.get_run(con, req.run_id)
+        if run is None or run["model_sha256"] != model_sha256:
+            raise ConfigError(
+                f"{req.db}: run {req.run_id!r} was removed or replaced by another process "
+                "while this one scored it; nothing merged"
+            )
         committed = store.committed_shards(con, req.run_id)
-        for part in parts:
+        for part in done:
+            meta = parts.read_part_meta(Path(part.path))
+            if not meta or (meta["run_id"], meta["model_sha256"]) != (req.run_id, model_sha256):
+                raise DataError(
+                    f"{part.path}: this part is missing or was written for another run or "
+                    "model; rerun the same command to score its shard again"
+                )
             if part.shard not in committed:
                 store.merge_part(con, part)
-        run = store.get_run(con, req.run_id)
-        if run is None:
-            raise DataError(f"{req.db}: run {req.run_id!r} vanished while it was being written")
         done = len(store.committed_shards(con, req.run_id))
         if done != run["n_shards"]:
             raise DataError(

@@ -22,6 +22,14 @@ from lcm.predict import parts
 from lcm.predict.request import PredictRequest, Unit
 
 
+def scoring_settings(req: PredictRequest) -> str:
+    """What besides the model and the images decides a score's bits."""
+    from lcm.runtime import amp_dtype, select_device
+
+    device = select_device(req.device)
+    return f"{device.type}/{amp_dtype('auto', device)}/batch {req.batch_size}"
+
+
 def decoding_workers(asked: int | None, device: Any) -> int:
     """DataLoader processes for decoding. By default 2 on CUDA (the CPU decodes while the GPU
     runs the model) and 0 on CPU, where they would compete with the model for the same cores
@@ -72,7 +80,12 @@ def score_unit(req: PredictRequest, unit: Unit, model_sha256: str) -> store.Part
         worker=f"{socket.gethostname()}:{os.getpid()}",
         seconds=time.perf_counter() - t0,
     )
-    meta = {"model_sha256": model_sha256, "unit_digest": unit.digest, **dataclasses.asdict(record)}
+    meta = {
+        "model_sha256": model_sha256,
+        "unit_digest": unit.digest,
+        "scoring": scoring_settings(req),
+        **dataclasses.asdict(record),
+    }
     table = table.replace_schema_metadata({parts.PART_META: json.dumps(meta)})
     Path(record.path).parent.mkdir(parents=True, exist_ok=True)
     parts.write_part(Path(record.path), table)
@@ -133,6 +146,7 @@ def score_files(
         num_workers=0,
         mean=loaded.meta.mean,
         std=loaded.meta.std,
+        confine=False,
     )
     skipped: list[tuple[str, str]] = []
     batches = list(loader)
