@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from lcm.config import ModelConfig, build_section
 from lcm.errors import CheckpointError
@@ -121,14 +121,16 @@ def weights_path(model_dir: Path, which: str) -> Path:
     return Path(model_dir) / name
 
 
-def load_weights(model: torch.nn.Module, model_dir: Path, which: str = "raw") -> None:
-    """Load raw or EMA weights into ``model`` (strict: every tensor must match)."""
+def load_weights(model: torch.nn.Module, model_dir: Path, which: str = "raw") -> bytes:
+    """Load raw or EMA weights into ``model`` (strict: every tensor must match). Returns the
+    file's bytes, read once, so a caller can name exactly what it loaded."""
     path = weights_path(model_dir, which)
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (this run saved no {which} weights)")
+    data = _read(path)
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
+        state = load(data)
+    except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -136,6 +138,7 @@ def load_weights(model: torch.nn.Module, model_dir: Path, which: str = "raw") ->
             f"{path}: weights do not fit the architecture in {MODEL_JSON} "
             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
+    return data
 
 
 # ------------------------------------------------------------------------------- inference
@@ -160,35 +163,53 @@ def load_for_inference(
 
     meta = load_meta(model_dir)
     model = build_model(meta.model, len(meta.classes), branch=False)
-    load_weights(model, model_dir, weights)
-    th_path = Path(model_dir) / THRESHOLDS_FILE
-    if thresholds and th_path.is_file():
-        values, source = load_thresholds(th_path, meta.classes), str(th_path)
+    data = load_weights(model, model_dir, weights)  # the digest covers these very bytes
+    if thresholds:
+        values, source = thresholds_or_default(model_dir, meta.classes)
     else:
-        values, source = np.full(len(meta.classes), 0.5), "default 0.5"
+        values, source = np.full(len(meta.classes), 0.5), DEFAULT_THRESHOLD_SOURCE
     return LoadedModel(
         model=model.to(device).eval(),
         meta=meta,
         weights=weights,
         thresholds=values,
         threshold_source=source,
-        digest=model_digest(model_dir, weights),
+        digest=_digest(model_dir, weights, data),
     )
 
 
 def model_digest(model_dir: Path, weights: str) -> str:
     """``sha256:<hex>`` over model.json and the chosen weights file: equal digests mean equal
     scores for equal images (thresholds are recorded separately, per run)."""
+    return _digest(model_dir, weights, _read(weights_path(model_dir, weights)))
+
+
+def _digest(model_dir: Path, weights: str, data: bytes) -> str:
     h = hashlib.sha256()
-    for path in (Path(model_dir) / MODEL_JSON, weights_path(model_dir, weights)):
-        h.update(path.name.encode() + b"\0")
-        try:
-            with open(path, "rb") as f:
-                for block in iter(lambda f=f: f.read(1 << 20), b""):
-                    h.update(block)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+    meta_path, weights_file = Path(model_dir) / MODEL_JSON, weights_path(model_dir, weights)
+    for name, content in ((meta_path.name, _read(meta_path)), (weights_file.name, data)):
+        h.update(name.encode() + b"\0")
+        h.update(content)
     return "sha256:" + h.hexdigest()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+DEFAULT_THRESHOLD_SOURCE = "default 0.5"
+
+
+def thresholds_or_default(model_dir: Path, classes: Sequence[str]) -> tuple[np.ndarray, str]:
+    """The thresholds ``lcm evaluate`` calibrated beside the model (checked against its
+    classes), else 0.5 for every class; and where they came from."""
+    path = Path(model_dir) / THRESHOLDS_FILE
+    if path.is_file():
+        return load_thresholds(path, classes), str(path)
+    return np.full(len(classes), 0.5), DEFAULT_THRESHOLD_SOURCE
 
 
 def save_thresholds(path: Path, classes: Sequence[str], thresholds: np.ndarray) -> None:

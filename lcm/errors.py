@@ -22,3 +22,9 @@ class ConfigError(LcmError):
 
 class CheckpointError(LcmError):
     """A model directory is missing, incomplete or incompatible with the request."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (libraries add context lines below)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

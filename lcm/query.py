@@ -22,7 +22,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from lcm import store
-from lcm.errors import LcmError
+from lcm.errors import LcmError, first_line
 
 Format = Literal["table", "csv", "json", "parquet"]
 MEMORY_LIMIT = "1GB"
@@ -57,7 +57,7 @@ def _one_statement(sql: str) -> Any:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise QueryError(f"cannot parse the query: {_first_line(e)}") from e
+        raise QueryError(f"cannot parse the query: {first_line(e)}") from e
     if len(statements) != 1:
         raise QueryError(f"expected one statement, got {len(statements)}; run them one by one")
     return statements[0]
@@ -109,7 +109,7 @@ def _parts_connection(parts: Path) -> duckdb.DuckDBPyConnection:
         con.execute(store.VIEWS)
     except duckdb.Error as e:
         con.close()
-        raise QueryError(f"{parts}: not readable as prediction parts ({_first_line(e)})") from e
+        raise QueryError(f"{parts}: not readable as prediction parts ({first_line(e)})") from e
     con.execute("SET lock_configuration = true")
     return con
 
@@ -124,7 +124,7 @@ def run_query(
         try:
             reader = con.sql(sql).to_arrow_reader()
         except duckdb.Error as e:
-            raise QueryError(f"query failed: {_first_line(e)}") from e
+            raise QueryError(f"query failed: {first_line(e)}") from e
         batches, n, more = [], 0, False
         try:  # errors can also surface while rows stream (a failed cast in row 50,000)
             for batch in reader:
@@ -135,7 +135,7 @@ def run_query(
                 batches.append(batch)
                 n += batch.num_rows
         except (OSError, pa.ArrowException, duckdb.Error) as e:
-            raise QueryError(f"query failed: {_first_line(e)}") from e
+            raise QueryError(f"query failed: {first_line(e)}") from e
         return pa.Table.from_batches(batches, schema=reader.schema), more
     finally:
         con.close()
@@ -157,7 +157,3 @@ def encode(table: pa.Table, fmt: Format) -> bytes:
         pq.write_table(table, sink)
         return sink.getvalue()
     raise QueryError(f"unknown format {fmt!r}; expected table, csv, json or parquet")
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0]

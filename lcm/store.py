@@ -34,7 +34,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lcm.errors import DataError, LcmError
+from lcm.errors import DataError, LcmError, first_line
 
 SCHEMA_VERSION = 1
 LABELS_FILE = "labels.parquet"  # a run's labels, beside its Parquet parts
@@ -158,7 +158,7 @@ def open_db(
         except duckdb.Error as e:
             holder = lock_holder(e)
             if holder is None:
-                raise DataError(f"{db}: cannot open as a DuckDB database ({_first_line(e)})") from e
+                raise DataError(f"{db}: cannot open as a DuckDB database ({first_line(e)})") from e
             left = deadline - time.monotonic()
             if left <= 0:
                 program, pid = holder
@@ -412,7 +412,3 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -126,9 +126,7 @@ def check_request(req: PredictRequest) -> tuple[ckpt.ModelMeta, Source]:
     weights = ckpt.weights_path(req.checkpoint, req.weights)
     if not weights.is_file():
         raise CheckpointError(f"{weights}: not found (this model has no {req.weights} weights)")
-    thresholds = req.checkpoint / ckpt.THRESHOLDS_FILE
-    if thresholds.is_file():
-        ckpt.load_thresholds(thresholds, meta.classes)
+    ckpt.thresholds_or_default(req.checkpoint, meta.classes)  # a bad file fails here
     source = resolve_source(req)
     if source.classes is not None and source.classes != meta.classes:
         raise CheckpointError(

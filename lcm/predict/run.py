@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lcm import checkpoint as ckpt
 from lcm import store
 from lcm.errors import ConfigError, DataError
@@ -42,7 +40,7 @@ def start_run(req: PredictRequest, flow_run_id: str | None = None) -> RunPlan:
     meta, source = check_request(req)
     digest = ckpt.model_digest(req.checkpoint, req.weights)
     record = run_record(req, meta, source, digest, flow_run_id)
-    thresholds, th_source = _thresholds(req.checkpoint, meta)
+    thresholds, th_source = ckpt.thresholds_or_default(req.checkpoint, meta.classes)
     with store.writer(req.db, req.lock_timeout) as con:
         row = store.get_run(con, req.run_id)
         if row is not None and not req.replace:
@@ -80,14 +78,6 @@ def start_run(req: PredictRequest, flow_run_id: str | None = None) -> RunPlan:
         len(source.units),
         sum(u.count for u in pending),
     )
-
-
-def _thresholds(model_dir: Path, meta: ckpt.ModelMeta) -> tuple[np.ndarray, str]:
-    """The calibrated thresholds beside the model, else 0.5 (as ``load_for_inference``)."""
-    path = Path(model_dir) / ckpt.THRESHOLDS_FILE
-    if path.is_file():
-        return ckpt.load_thresholds(path, meta.classes), str(path)
-    return np.full(len(meta.classes), 0.5), "default 0.5"
 
 
 def merge_parts(
