@@ -16,7 +16,7 @@ from PIL import Image
 
 from lcm.checkpoint import load_for_inference, model_digest, save_thresholds
 from lcm.errors import CheckpointError, ConfigError, DataError
-from lcm.predict import PredictRequest, check_request, score_files
+from lcm.predict import PredictRequest, check_request, check_run_conflict, score_files
 from tests._engine_fixtures import CLASSES, ROOT, cli_env, lcm_cmd
 from tests._predict_fixtures import (
     copy_model,
@@ -90,6 +90,11 @@ def test_rerun_is_a_noop_another_model_is_refused_and_replace_swaps(trained, tmp
 
     with pytest.raises(ConfigError, match="another weights.*--replace"):
         run_flow(trained.model, db, "r", shards=str(trained.shards), weights="ema")
+    other = copy_model(trained, tmp_path / "other")  # the same architecture, other weights
+    (other / "model.safetensors").write_bytes((other / "ema.safetensors").read_bytes())
+    req = PredictRequest(checkpoint=other, db=db, run_id="r", shards=str(trained.shards))
+    with pytest.raises(ConfigError, match="another model .*--replace"):
+        check_run_conflict(req, *check_request(req))  # refused before any flow starts
     assert fetch(db, everything.format("predictions")) == before["predictions"]
 
     run_flow(trained.model, db, "r", shards=str(trained.shards), weights="ema", replace=True)

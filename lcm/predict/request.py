@@ -164,7 +164,8 @@ def check_run_conflict(req: PredictRequest, meta: ckpt.ModelMeta, source: Source
         con.close()
     if row is None:
         return None
-    refuse_other_work(req, run_record(req, meta, source, row["model_sha256"]), row)
+    digest = ckpt.model_digest(req.checkpoint, req.weights)
+    refuse_other_work(req, run_record(req, meta, source, digest), row)
     return str(row["status"])
 
 
