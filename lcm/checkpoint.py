@@ -21,7 +21,8 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,25 @@ def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_model(
     out_dir: Path, model: torch.nn.Module, meta: ModelMeta, ema: torch.nn.Module | None
 ) -> None:
+    save_weights(out_dir, _plain_state(model), meta, _plain_state(ema) if ema else None)
+
+
+def plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``module``'s weights, as safetensors stores them."""
+    return _plain_state(module)
+
+
+def save_weights(
+    out_dir: Path,
+    raw: dict[str, torch.Tensor],
+    meta: ModelMeta,
+    ema: dict[str, torch.Tensor] | None,
+) -> None:
+    """Write the raw (and EMA) weights of :func:`plain_state` and model.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic(out_dir / RAW_WEIGHTS, lambda p: save_file(_plain_state(model), str(p)))
+    _atomic(out_dir / RAW_WEIGHTS, lambda p: save_file(raw, str(p)))
     if ema is not None:
-        _atomic(out_dir / EMA_WEIGHTS, lambda p: save_file(_plain_state(ema), str(p)))
+        _atomic(out_dir / EMA_WEIGHTS, lambda p: save_file(ema, str(p)))
     atomic_write_json(out_dir / MODEL_JSON, meta.to_json())
 
 
@@ -337,3 +353,48 @@ def load_state(model_dir: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises a zoo of types for corrupt or unsafe pickles
         raise CheckpointError(f"{path}: cannot load training state ({e})") from e
+
+
+def to_cpu(obj: Any) -> Any:
+    """A deep copy of a (nested dict / list / tuple) state with every tensor cloned to the
+    CPU: a snapshot that training can go on mutating the originals of."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Runs checkpoint writes one after another, in a background thread when ``background``.
+
+    A write waits for the previous one, so files are written in order and at most one
+    snapshot is in memory besides the live state; :meth:`close` waits for the last and
+    re-raises any error a write met. Every file is still written atomically, so a run killed
+    during a background write resumes from the previous complete checkpoint.
+    """
+
+    def __init__(self, background: bool) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if background else None
+        self._pending: Future[None] | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        if self._pool is None:
+            write()
+        else:
+            self._pending = self._pool.submit(write)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()

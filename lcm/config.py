@@ -94,6 +94,13 @@ class TrainConfig:
     num_workers: int = 2
     missing: float | None = None  # partial-label mask ratio to train with; None = full labels
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of epoch only)
+    # Speed-ups (README: GPU table). None changes results beyond float tolerance.
+    ema_foreach: bool = True  # EMA update as multi-tensor kernels, not one per tensor
+    fused_optimizer: bool = True  # AdamW / SGD with fused=True
+    cudnn_benchmark: bool = True  # cuDNN autotunes convolutions per shape (CUDA)
+    pin_memory: bool = True  # CUDA: uint8 batches via pinned memory, normalised on the GPU
+    gpu_decode: bool = True  # CUDA: JPEGs decoded and resized on the GPU (nvJPEG)
+    checkpoint_async: bool = True  # checkpoints written by a background thread
 
 
 @dataclass(frozen=True)

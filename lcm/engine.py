@@ -9,7 +9,6 @@ Logging and progress reach the caller through callbacks (the library knows no Pr
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -22,55 +21,20 @@ import torch
 from torch import nn
 
 from lcm import checkpoint as ckpt
-from lcm.config import Params, to_dict
+from lcm.config import Params, TrainConfig, to_dict
 from lcm.data.shards import eval_loader, resolve_shards, train_loader
 from lcm.data.transforms import MEAN, STD
 from lcm.errors import ConfigError
 from lcm.inference import predict
 from lcm.io import atomic_write_json
 from lcm.metrics import evaluate_scores
-from lcm.models import build_model
-from lcm.models.losses import compute_loss
 from lcm.progress import ProgressCallback
-from lcm.runtime import Dist, amp_dtype, autocast, seed_everything, select_device
+from lcm.runtime import Dist, seed_everything, select_device
+from lcm.trainer import TensorBatch, TrainState, build_trainer, train_step, unwrap
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-
-
-# ---------------------------------------------------------------------------------------- EMA
-class Ema:
-    """Exponential moving average of a model's weights (buffers are copied)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        # Warm-up: early averages would otherwise be dominated by the random init.
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        src = unwrap(model).state_dict()
-        for name, value in self.module.state_dict().items():
-            if value.dtype.is_floating_point:
-                value.lerp_(src[name].detach(), 1.0 - d)
-            else:
-                value.copy_(src[name])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"module": self.module.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["module"])
-        self.updates = int(state["updates"])
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 # ---------------------------------------------------------------------------------------- fit
@@ -84,35 +48,6 @@ class FitResult:
     @property
     def final(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
-
-
-def build_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
-    cfg = params.train
-    # No weight decay on biases, norms and embeddings (standard practice for Transformers).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or "embed" in name else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def build_scheduler(
-    opt: torch.optim.Optimizer, params: Params, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    cfg = params.train
-    if cfg.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.2
-        )
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
 def fit(
@@ -132,7 +67,6 @@ def fit(
     cfg = params.train
     dist = dist or Dist()
     device = select_device(cfg.device)
-    dtype = amp_dtype(cfg.amp, device)
     out_dir = Path(out_dir)
 
     shard_paths, info = resolve_shards(train_shards)
@@ -159,6 +93,7 @@ def fit(
             world_size=dist.world_size,
             mask=mask,
             skip_batches=skip,
+            **batch_delivery(cfg, device),
         )
 
     steps_per_epoch = len(make_train(0, 0))
@@ -170,38 +105,21 @@ def fit(
     total_steps = steps_per_epoch * cfg.epochs
 
     seed_everything(cfg.seed)
-    model = build_model(params.model, len(classes), branch=params.loss.beta > 0).to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    ema = Ema(model, cfg.ema_decay) if cfg.ema_decay else None
-    opt = build_optimizer(model, params)
-    sched = build_scheduler(opt, params, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state = build_trainer(
+        params.model, params.loss, cfg, len(classes), total_steps, device, dist=dist
+    )
+    model, ema = state.model, state.ema
 
     start_epoch, start_batch, step, history = 0, 0, 0, []
     running, n_loss = 0.0, 0  # this epoch's loss sum, carried through mid-epoch resumes
     if resume:
-        state = ckpt.load_state(out_dir)
-        unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
-        running, n_loss = float(state["loss_sum"]), int(state["loss_count"])
-        history = [dict(zip(state["history_keys"], row, strict=True)) for row in state["history"]]
-        ckpt.set_rng_state(state["rng"])
+        saved = ckpt.load_state(out_dir)
+        state.load_state_dict(saved)
+        start_epoch, start_batch, step = saved["epoch"], saved["batch"], saved["step"]
+        running, n_loss = float(saved["loss_sum"]), int(saved["loss_count"])
+        history = [dict(zip(saved["history_keys"], row, strict=True)) for row in saved["history"]]
+        ckpt.set_rng_state(saved["rng"])
         log.info("resuming at epoch %d, batch %d (step %d)", start_epoch, start_batch, step)
-
-    net: nn.Module = model
-    if dist.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model,
-            find_unused_parameters=params.loss.alpha == 0,  # aux head then gets no gradient
-        )
-    if cfg.compile:
-        net = torch.compile(net)
 
     meta = ckpt.ModelMeta(
         model=params.model,
@@ -211,120 +129,86 @@ def fit(
         std=STD,
         extra={"params": to_dict(params), "weights": "raw"},
     )
+    writer = ckpt.CheckpointWriter(background=cfg.checkpoint_async)
 
     def save(epoch: int, batch: int, loss_sum: float = 0.0, loss_count: int = 0) -> None:
+        """Snapshot now; write now or in the background (``train.checkpoint_async``)."""
         if not dist.main:
             return
-        ckpt.save_model(out_dir, model, meta, ema.module if ema else None)
+        raw = ckpt.plain_state(model)
+        ema_w = ckpt.plain_state(ema.module) if ema else None
         keys = sorted({k for row in history for k in row})
-        ckpt.save_state(
-            out_dir,
-            {
-                "model": unwrap(model).state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema else None,
-                "epoch": epoch,
-                "batch": batch,
-                "step": step,
-                "rng": ckpt.rng_state(),
-                "history_keys": keys,
-                "loss_sum": loss_sum,
-                "loss_count": loss_count,
-                "history": [[float(row.get(k, math.nan)) for k in keys] for row in history],
-            },
-        )
+        snapshot = {
+            **state.state_dict(),
+            "epoch": epoch,
+            "batch": batch,
+            "step": step,
+            "rng": ckpt.rng_state(),
+            "history_keys": keys,
+            "loss_sum": loss_sum,
+            "loss_count": loss_count,
+            "history": [[float(row.get(k, math.nan)) for k in keys] for row in history],
+        }
+        if cfg.checkpoint_async:
+            snapshot = ckpt.to_cpu(snapshot)
+        rows = [dict(row) for row in history] if batch == 0 else None
 
-    for epoch in range(start_epoch, cfg.epochs):
-        net.train()
-        seen: list[str] = []
-        for i, batch in enumerate(_iterate(make_train(epoch, start_batch)), start=start_batch):
-            loss = train_step(
-                net,
-                model,
-                batch.images,
-                batch.targets,
-                opt,
-                sched,
-                scaler,
-                ema,
-                params,
-                device,
-                dtype,
-            )
-            step += 1
-            running = running + loss.float()
-            n_loss += 1
+        def write() -> None:
+            ckpt.save_weights(out_dir, raw, meta, ema_w)
+            ckpt.save_state(out_dir, snapshot)
+            if rows is not None:  # end of an epoch
+                atomic_write_json(out_dir / "history.json", rows)
+
+        writer.submit(write)
+
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            state.net.train()
+            seen: list[str] = []
+            batches = _iterate(make_train(epoch, start_batch))
+            for i, batch in enumerate(batches, start=start_batch):
+                loss = train_step(state, batch)
+                step += 1
+                running = running + loss.float()
+                n_loss += 1
+                if record_keys:
+                    seen.extend(batch.keys)
+                if progress and dist.main:
+                    progress(step, total_steps)
+                done_in_epoch = i + 1
+                if (
+                    cfg.checkpoint_every
+                    and step % cfg.checkpoint_every == 0
+                    and done_in_epoch < steps_per_epoch
+                ):
+                    save(epoch, done_in_epoch, float(running), n_loss)
+            start_batch = 0
             if record_keys:
-                seen.extend(batch.keys)
-            if progress and dist.main:
-                progress(step, total_steps)
-            done_in_epoch = i + 1
-            if (
-                cfg.checkpoint_every
-                and step % cfg.checkpoint_every == 0
-                and done_in_epoch < steps_per_epoch
-            ):
-                save(epoch, done_in_epoch, float(running), n_loss)
-        start_batch = 0
-        if record_keys:
-            (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
-            (out_dir / "ranks" / f"epoch{epoch}-rank{dist.rank}.txt").write_text("\n".join(seen))
+                ranks = out_dir / "ranks"
+                ranks.mkdir(parents=True, exist_ok=True)
+                (ranks / f"epoch{epoch}-rank{dist.rank}.txt").write_text("\n".join(seen))
 
-        row: dict[str, float] = {"epoch": epoch + 1, "step": step, "lr": sched.get_last_lr()[0]}
-        if n_loss:
-            row["train_loss"] = float(running) / n_loss
-        running, n_loss = 0.0, 0
-        if val is not None and dist.main:
-            row.update(_validate(model, ema, val, classes, params, device, dtype))
-        history.append(row)
-        if dist.main:
-            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
-            if on_epoch:
-                on_epoch(epoch, row)
-        save(epoch + 1, 0)
-        if dist.main:
-            atomic_write_json(out_dir / "history.json", history)
-        if dist.world_size > 1:
-            torch.distributed.barrier()
+            row: dict[str, float] = {
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": state.sched.get_last_lr()[0],
+            }
+            if n_loss:
+                row["train_loss"] = float(running) / n_loss
+            running, n_loss = 0.0, 0
+            if val is not None and dist.main:
+                row.update(_validate(state, val, classes, params))
+            history.append(row)
+            if dist.main:
+                log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+                if on_epoch:
+                    on_epoch(epoch, row)
+            save(epoch + 1, 0)
+            if dist.world_size > 1:
+                torch.distributed.barrier()
+    finally:
+        writer.close()
     return FitResult(out_dir=out_dir, epochs=cfg.epochs, steps=step, history=history)
-
-
-def train_step(
-    net: nn.Module,
-    model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    ema: Ema | None,
-    params: Params,
-    device: torch.device,
-    dtype: torch.dtype | None,
-) -> torch.Tensor:
-    """One optimisation step; ``net`` may wrap ``model`` (DDP, compile). Returns the detached
-    loss on the device (reading it would synchronise a GPU every step)."""
-    cfg = params.train
-    images = images.to(device, non_blocking=True)
-    targets = targets.to(device, non_blocking=True)
-    if cfg.channels_last and device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(device, dtype):
-        out = net(images, targets)
-    loss, _parts = compute_loss(out, targets, params.loss)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if cfg.grad_clip:
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    sched.step()
-    if ema is not None:
-        ema.update(model)
-    return loss.detach()
 
 
 def step_time(params: Params, steps: int, device: torch.device, num_classes: int) -> float:
@@ -334,23 +218,16 @@ def step_time(params: Params, steps: int, device: torch.device, num_classes: int
 
     cfg = params.train
     torch.manual_seed(0)
-    model = build_model(params.model, num_classes, branch=params.loss.beta > 0).to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    opt = build_optimizer(model, params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    dtype = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = Ema(model, cfg.ema_decay) if cfg.ema_decay else None
+    state = build_trainer(params.model, params.loss, cfg, num_classes, steps + 2, device)
     images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     targets = (torch.rand(cfg.batch_size, num_classes, device=device) < 0.2).float()
+    batch = TensorBatch(images, targets)
     times = []
     for i in range(steps + 2):  # two warm-up steps
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        train_step(model, model, images, targets, opt, sched, scaler, ema, params, device, dtype)
+        train_step(state, batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= 2:
@@ -374,27 +251,32 @@ def _iterate(loader: Any) -> Iterator[Any]:
         yield batch
 
 
+def batch_delivery(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Loader arguments that put batches on the training device (pinned copies, GPU decode)."""
+    if device.type != "cuda":
+        return {}
+    return {"device": device, "pin_memory": cfg.pin_memory, "decode_on_device": cfg.gpu_decode}
+
+
 def _validate(
-    model: nn.Module,
-    ema: Ema | None,
+    state: TrainState,
     val: tuple[list[Path], Any],
     classes: tuple[str, ...],
     params: Params,
-    device: torch.device,
-    dtype: torch.dtype | None,
 ) -> dict[str, float]:
     loader = eval_loader(
         val,
         batch_size=params.evaluate.batch_size,
         image_size=params.train.image_size,
         num_workers=params.train.num_workers,
+        **batch_delivery(params.train, state.device),
     )
     row: dict[str, float] = {}
-    candidates: list[tuple[str, nn.Module]] = [("val", unwrap(model))]
-    if ema is not None:
-        candidates.append(("val_ema", ema.module))
+    candidates: list[tuple[str, nn.Module]] = [("val", unwrap(state.model))]
+    if state.ema is not None:
+        candidates.append(("val_ema", state.ema.module))
     for prefix, m in candidates:
-        _, scores, targets = predict(m, loader, device, dtype)
+        _, scores, targets = predict(m, loader, state.device, state.dtype)
         res = evaluate_scores(scores, targets, classes)
         row[f"{prefix}_mAP"] = res.mAP
         row[f"{prefix}_OF1"] = res.at_threshold.OF1

@@ -15,7 +15,8 @@ import torch
 
 from lcm.checkpoint import load_for_inference, load_meta, load_state
 from lcm.config import load_params
-from lcm.engine import Ema, fit
+from lcm.engine import fit
+from lcm.trainer import Ema
 from tests._engine_fixtures import cli_env, lcm_cmd, make_tiny_data, write_params
 
 

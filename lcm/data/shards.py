@@ -49,6 +49,7 @@ from lcm.data.transforms import (
     STD,
     Preset,
     decode_image,
+    decode_images,
     eval_transform,
     normalize,
     train_transform,
@@ -384,6 +385,17 @@ class _TrainPlan(_Plan):
 _RawBatch = tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]], int]
 
 
+class _Encoded(NamedTuple):
+    """A batch whose JPEGs are decoded by the receiving process, on its device."""
+
+    jpegs: list[bytes]
+    flips: list[bool]  # drawn in the worker, in the order the CPU path draws them
+    targets: np.ndarray  # (B, C)
+    keys: list[str]
+    wheres: list[str]  # "shard: sample 'key'", for error messages
+    shard: int
+
+
 class _BatchStream(IterableDataset):
     """Yields batches ``first + w, first + w + W, ...`` in worker ``w`` of ``W``.
 
@@ -403,11 +415,13 @@ class _BatchStream(IterableDataset):
         mask: LabelMask | None,
         first: int,
         skip_bad: bool = False,
+        decode: bool = True,
     ) -> None:
         self.paths, self.counts = list(paths), [e.count for e in info.shards]
         self.num_classes = info.num_classes
         self.plan, self.mask, self.first = plan, mask, first
         self.augment, self.image_size, self.skip_bad = augment, image_size, skip_bad
+        self.decode = decode  # False: workers only read; the loader decodes on its device
 
     def __iter__(self) -> Iterator[_RawBatch]:
         worker = get_worker_info()
@@ -420,10 +434,13 @@ class _BatchStream(IterableDataset):
         for b in range(self.first + wid, self.plan.num_batches, nw):
             yield self._batch(b, reader, preset)
 
-    def _batch(self, b: int, reader: _ShardReader, preset: Preset) -> _RawBatch:
+    def _batch(self, b: int, reader: _ShardReader, preset: Preset) -> _RawBatch | _Encoded:
         shards, ordinals = self.plan.locate(self.plan.positions(b))
         samples = reader.read(shards, ordinals)
         gen = self.plan.generator(b) if self.augment else None
+        one_shard = int(shards[0]) if len(shards) and (shards == shards[0]).all() else -1
+        if not self.decode:
+            return self._encoded(samples, shards, preset, gen, one_shard)
         n, size = len(samples), self.image_size
         pixels = torch.empty((n, 3, size, size), dtype=torch.uint8)  # (B, 3, S, S)
         targets = np.zeros((n, self.num_classes), np.float32)  # (B, C)
@@ -440,23 +457,52 @@ class _BatchStream(IterableDataset):
                 continue
             i = len(keys)
             pixels[i] = preset.pixels(img, gen)
-            try:
-                targets[i, meta["ignore"]] = -1.0
-                targets[i, meta["labels"]] = 1.0
-            except (KeyError, IndexError, TypeError) as e:
-                raise DataError(f"{where}: bad labels in its metadata ({e!r})") from e
-            if self.mask is not None:
-                if key not in self.mask:
-                    raise DataError(f"{self.mask.path}: has no row for {where}")
-                targets[i, ~self.mask[key]] = -1.0
+            self._fill_targets(targets[i], key, meta, where)
             keys.append(key)
         n = len(keys)
-        one_shard = int(shards[0]) if len(shards) and (shards == shards[0]).all() else -1
         return pixels[:n].numpy(), targets[:n], keys, skipped, one_shard
+
+    def _encoded(
+        self,
+        samples: list[tuple[str, bytes, dict]],
+        shards: np.ndarray,
+        preset: Preset,
+        gen: torch.Generator | None,
+        one_shard: int,
+    ) -> _Encoded:
+        targets = np.zeros((len(samples), self.num_classes), np.float32)  # (B, C)
+        wheres = [
+            f"{self.paths[s]}: sample {key!r}"
+            for (key, _, _), s in zip(samples, shards.tolist(), strict=True)
+        ]
+        for i, ((key, _, meta), where) in enumerate(zip(samples, wheres, strict=True)):
+            self._fill_targets(targets[i], key, meta, where)
+        flips = [preset.draw_flip(gen) for _ in samples]
+        jpegs = [jpg for _, jpg, _ in samples]
+        return _Encoded(jpegs, flips, targets, [k for k, _, _ in samples], wheres, one_shard)
+
+    def _fill_targets(self, row: np.ndarray, key: str, meta: dict, where: str) -> None:
+        try:
+            row[meta["ignore"]] = -1.0
+            row[meta["labels"]] = 1.0
+        except (KeyError, IndexError, TypeError) as e:
+            raise DataError(f"{where}: bad labels in its metadata ({e!r})") from e
+        if self.mask is not None:
+            if key not in self.mask:
+                raise DataError(f"{self.mask.path}: has no row for {where}")
+            row[~self.mask[key]] = -1.0
 
 
 class BatchLoader:
-    """Runs a batch stream in DataLoader workers and normalises each batch in this process."""
+    """Runs a batch stream in DataLoader workers and normalises each batch in this process.
+
+    ``device``: where the images of each batch are delivered (targets stay on the CPU). With
+    a CUDA device and ``pin_memory``, the uint8 pixels travel through pinned memory and are
+    normalised on the GPU (a quarter of the bytes of float32 cross the bus). When the stream
+    does not decode (``decode_on_device``), the workers only read JPEG bytes and this process
+    decodes and resizes each batch on ``device`` (nvJPEG on a GPU; on the CPU the same ops as
+    the workers, so the results are identical: the tested fallback).
+    """
 
     def __init__(
         self,
@@ -465,29 +511,74 @@ class BatchLoader:
         pin_memory: bool,
         mean: Sequence[float] = MEAN,
         std: Sequence[float] = STD,
+        device: torch.device | None = None,
     ) -> None:
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.mean, self.std = tuple(mean), tuple(std)
+        self.device = device
 
     def __iter__(self) -> Iterator[Batch]:
-        pin = self.pin_memory and torch.cuda.is_available()
         loader = DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is
         )
-        for pixels, targets, keys, skipped, shard in loader:
-            pixels, targets = torch.from_numpy(pixels), torch.from_numpy(targets)
-            images = torch.empty(pixels.shape, dtype=torch.float32, pin_memory=pin)
-            normalize(pixels, out=images, mean=self.mean, std=self.std)  # (B, 3, S, S)
-            yield Batch(
-                images,
-                targets.pin_memory() if pin else targets,
-                keys,
-                tuple(skipped),
-                None if shard < 0 else shard,
-            )
+        for raw in loader:
+            yield self._encoded(raw) if isinstance(raw, _Encoded) else self._decoded(raw)
+
+    def _decoded(self, raw: _RawBatch) -> Batch:
+        pixels, targets, keys, skipped, shard = raw
+        pixels_t, targets_t = torch.from_numpy(pixels), torch.from_numpy(targets)
+        on_gpu = self.device is not None and self.device.type == "cuda"
+        if on_gpu and self.pin_memory:
+            gpu = pixels_t.pin_memory().to(self.device, non_blocking=True)
+            images = normalize(gpu, mean=self.mean, std=self.std)  # (B, 3, S, S) on the GPU
+        else:
+            pin = self.pin_memory and torch.cuda.is_available()
+            images = torch.empty(pixels_t.shape, dtype=torch.float32, pin_memory=pin)
+            normalize(pixels_t, out=images, mean=self.mean, std=self.std)  # (B, 3, S, S)
+            if self.device is not None:
+                images = images.to(self.device, non_blocking=pin)
+        return Batch(images, targets_t, keys, tuple(skipped), None if shard < 0 else shard)
+
+    def _encoded(self, raw: _Encoded) -> Batch:
+        device = self.device or torch.device("cpu")
+        imgs, skipped = self._decode_all(raw, device)
+        kept = [i for i, img in enumerate(imgs) if img is not None]
+        size = self.stream.image_size
+        preset = eval_transform(size)
+        pixels = torch.empty((len(kept), 3, size, size), dtype=torch.uint8, device=device)
+        for out, i in enumerate(kept):
+            pixels[out] = preset.place(imgs[i], raw.flips[i])
+        images = normalize(pixels, mean=self.mean, std=self.std)  # (B, 3, S, S) on device
+        targets = torch.from_numpy(raw.targets[kept] if skipped else raw.targets)
+        keys = [raw.keys[i] for i in kept]
+        return Batch(images, targets, keys, tuple(skipped), None if raw.shard < 0 else raw.shard)
+
+    def _decode_all(
+        self, raw: _Encoded, device: torch.device
+    ) -> tuple[list[Tensor | None], list[tuple[str, str]]]:
+        try:
+            return list(decode_images(raw.jpegs, device)), []
+        except RuntimeError:
+            pass  # find the culprit one image at a time
+        imgs: list[Tensor | None] = []
+        skipped: list[tuple[str, str]] = []
+        for jpg, key, where in zip(raw.jpegs, raw.keys, raw.wheres, strict=True):
+            try:
+                imgs.append(decode_images([jpg], device)[0])
+                continue
+            except RuntimeError:
+                pass
+            try:  # what the GPU decoder cannot do (CMYK, say) the CPU decoder may
+                imgs.append(decode_image(jpg).to(device))
+            except RuntimeError as e:
+                if not self.stream.skip_bad:
+                    raise DataError(f"{where}: cannot decode its JPEG ({e})") from e
+                skipped.append((key, f"undecodable JPEG ({str(e).splitlines()[0]})"))
+                imgs.append(None)
+        return imgs, skipped
 
 
-def _as_is(batch: _RawBatch) -> _RawBatch:
+def _as_is(batch: _RawBatch | _Encoded) -> _RawBatch | _Encoded:
     """Collate that leaves numpy as numpy (the default would make shared-memory tensors)."""
     return batch
 
@@ -528,11 +619,15 @@ def train_loader(
     skip_batches: int = 0,
     shuffle_window: int = 2048,
     pin_memory: bool = False,
+    device: torch.device | None = None,
+    decode_on_device: bool = False,
 ) -> TrainLoader:
     """The training batches of ``rank`` for ``epoch`` (see the module docstring).
 
     ``mask``: a partial-label mask file; its unknown targets become -1. It is checked against
     the shards' keys and class count here, before any training starts.
+    ``device``: where the images are delivered; ``decode_on_device``: decode the JPEGs there
+    instead of in the workers (same batches; see :class:`BatchLoader`).
     """
     paths, info = _resolve(shards)
     _check_positive(
@@ -555,8 +650,10 @@ def train_loader(
     if not 0 <= skip_batches <= plan.num_batches:
         raise ConfigError(f"skip_batches {skip_batches} is outside 0..{plan.num_batches}")
     labels = check_mask_matches(mask, paths, info) if mask is not None else None
-    stream = _BatchStream(paths, info, plan, image_size, augment, labels, skip_batches)
-    return TrainLoader(stream, num_workers, pin_memory)
+    stream = _BatchStream(
+        paths, info, plan, image_size, augment, labels, skip_batches, decode=not decode_on_device
+    )
+    return TrainLoader(stream, num_workers, pin_memory, device=device)
 
 
 def eval_loader(
@@ -570,6 +667,8 @@ def eval_loader(
     skip_bad: bool = False,
     mean: Sequence[float] = MEAN,
     std: Sequence[float] = STD,
+    device: torch.device | None = None,
+    decode_on_device: bool = False,
 ) -> EvalLoader:
     """Every sample exactly once, in shard order, in batches of ``batch_size``.
 
@@ -578,13 +677,16 @@ def eval_loader(
     ``Batch.skipped`` instead of failing the stream. Evaluation and training never skip: a
     broken evaluation set must not be scored silently on fewer images.
     ``mean`` / ``std``: the normalisation the model was trained with (its model.json).
+    ``device`` / ``decode_on_device``: as for :func:`train_loader`.
     """
     paths, info = _resolve(shards)
     _check_positive(batch_size=batch_size, image_size=image_size)
     _check_non_negative(num_workers=num_workers)
     plan = _EvalPlan([e.count for e in info.shards], batch_size, align=align_shards)
-    stream = _BatchStream(paths, info, plan, image_size, False, None, 0, skip_bad=skip_bad)
-    return EvalLoader(stream, num_workers, pin_memory, mean, std)
+    stream = _BatchStream(
+        paths, info, plan, image_size, False, None, 0, skip_bad, decode=not decode_on_device
+    )
+    return EvalLoader(stream, num_workers, pin_memory, mean, std, device=device)
 
 
 def _resolve(shards: ShardSource) -> tuple[list[Path], ShardInfo]:

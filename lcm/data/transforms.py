@@ -62,17 +62,32 @@ def normalize(
     single small images. ``mean`` / ``std`` come from the model's ``model.json`` at prediction
     time, so a checkpoint is always fed the statistics it was trained with.
     """
-    mean_255, inv_std_255 = _stats(tuple(mean), tuple(std))
+    mean_255, inv_std_255 = _stats(tuple(mean), tuple(std), str(img.device))
     x = img.to(torch.float32) if out is None else out.copy_(img)
     return x.sub_(mean_255).mul_(inv_std_255)
 
 
 @functools.lru_cache(maxsize=8)
-def _stats(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+def _stats(
+    mean: tuple[float, ...], std: tuple[float, ...], device: str = "cpu"
+) -> tuple[Tensor, Tensor]:
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ConfigError(f"normalisation needs 3 means and 3 positive stds, got {mean}, {std}")
     mean_255 = torch.tensor(mean).view(3, 1, 1) * 255.0  # (3, 1, 1), on the 0..255 scale
-    return mean_255, 1.0 / (torch.tensor(std).view(3, 1, 1) * 255.0)
+    inv_std_255 = 1.0 / (torch.tensor(std).view(3, 1, 1) * 255.0)
+    return mean_255.to(device), inv_std_255.to(device)
+
+
+def decode_images(data: Sequence[bytes], device: torch.device) -> list[Tensor]:
+    """JPEG bytes -> uint8 ``(3, H, W)`` RGB images on ``device``, decoded there: on a GPU one
+    batched nvJPEG call, on the CPU the same decoder as :func:`decode_image`.
+
+    Raises ``RuntimeError`` if any image cannot be decoded; the caller locates it.
+    """
+    raws = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    if not raws:
+        return []
+    return list(decode_jpeg(raws, mode=ImageReadMode.RGB, device=device))
 
 
 class Preset:
@@ -86,11 +101,16 @@ class Preset:
         self.size, self.flip_p = size, flip_p
 
     def pixels(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        x = resize_square(img, self.size)  # (3, S, S) uint8
+        return self.place(img, self.draw_flip(generator))
+
+    def draw_flip(self, generator: torch.Generator | None = None) -> bool:
         # eval draws nothing, so it never disturbs the caller's random stream
-        if self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p:
-            x = x.flip(-1)
-        return x
+        return self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p
+
+    def place(self, img: Tensor, flip: bool) -> Tensor:
+        """uint8 ``(3, H, W)`` -> uint8 ``(3, S, S)`` on the image's device."""
+        x = resize_square(img, self.size)
+        return x.flip(-1) if flip else x
 
     def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return normalize(self.pixels(img, generator))

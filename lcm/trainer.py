@@ -1,0 +1,237 @@
+"""The training state and one optimisation step: the seam every trainer goes through.
+
+:func:`build_trainer` makes the model, its EMA, the optimiser, the LR schedule and the loss
+scaler from the model / loss / train configs; :func:`train_step` runs one step on a batch.
+``engine.fit``, the benchmarks and the GPU check all train through these two, so a speed-up
+or a fix lands everywhere at once.
+
+The speed-ups are train-config switches, each measured in the README's GPU table and none
+changing results beyond float tolerance:
+
+- ``ema_foreach``: the EMA update as two multi-tensor kernels (lerp of the float tensors,
+  copy of the integer buffers) instead of one small kernel per tensor;
+- ``fused_optimizer``: AdamW / SGD with ``fused=True`` (one kernel for the whole update);
+- ``cudnn_benchmark``: cuDNN picks the fastest convolution algorithm per shape (CUDA only);
+- ``compile``: ``torch.compile`` of the network (pays its compile time once per run).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from lcm.config import LossConfig, ModelConfig, TrainConfig
+from lcm.models import build_model
+from lcm.models.losses import compute_loss
+from lcm.runtime import Dist, amp_dtype, autocast
+
+
+class _HasImagesTargets(Protocol):
+    images: Tensor
+    targets: Tensor
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DistributedDataParallel and ``torch.compile`` wrappers."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+# ---------------------------------------------------------------------------------------- EMA
+class Ema:
+    """Exponential moving average of a model's weights (integer buffers are copied).
+
+    ``foreach=True`` updates all tensors with two multi-tensor kernels; ``False`` loops over
+    them one by one (the reference the foreach path is tested against: same values).
+    """
+
+    def __init__(self, model: nn.Module, decay: float, foreach: bool = True) -> None:
+        self.decay, self.foreach = decay, foreach
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.updates = 0
+        self._names = list(self.module.state_dict())
+        self._src: tuple[int, list[Tensor], list[Tensor]] | None = None
+
+    def _split(self, state: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        floats = [state[n] for n in self._names if state[n].dtype.is_floating_point]
+        others = [state[n] for n in self._names if not state[n].dtype.is_floating_point]
+        return floats, others
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        # Warm-up: early averages would otherwise be dominated by the random init.
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        src_model = unwrap(model)
+        if not self.foreach:
+            src = src_model.state_dict()
+            for name, value in self.module.state_dict().items():
+                if value.dtype.is_floating_point:
+                    value.lerp_(src[name].detach(), 1.0 - d)
+                else:
+                    value.copy_(src[name])
+            return
+        # state_dict() values alias the live tensors, so both lists are built once per model
+        if self._src is None or self._src[0] != id(src_model):
+            floats, others = self._split(src_model.state_dict())
+            self._src = (id(src_model), floats, others)
+            self._dst = self._split(self.module.state_dict())
+        _, src_f, src_o = self._src
+        dst_f, dst_o = self._dst
+        if dst_f:
+            torch._foreach_lerp_(dst_f, src_f, 1.0 - d)
+        if dst_o:
+            torch._foreach_copy_(dst_o, src_o)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])  # in place: cached aliases stay valid
+        self.updates = int(state["updates"])
+
+
+# ------------------------------------------------------------------------ optimiser, schedule
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW or Nesterov SGD; no weight decay on biases, norms and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or "embed" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = cfg.fused_optimizer and (device is None or device.type in ("cuda", "cpu"))
+    # fused=None lets PyTorch pick its default (foreach on CUDA); False would force the loop
+    kw: dict[str, Any] = {"fused": True} if fused else {}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **kw)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **kw)
+
+
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=max(1, total_steps), pct_start=0.2
+        )
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+# ------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Everything one optimisation step reads and writes.
+
+    ``model`` is the bare model (its weights are what is saved); ``net`` is what is called,
+    the model itself or a DDP / compiled wrapper of it.
+    """
+
+    model: nn.Module
+    net: nn.Module
+    ema: Ema | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss: LossConfig
+    train: TrainConfig
+    device: torch.device
+    dtype: torch.dtype | None
+
+    @property
+    def channels_last(self) -> bool:
+        return self.train.channels_last and self.device.type == "cuda"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainable state (weights, optimiser, schedule, scaler, EMA) for a checkpoint."""
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def build_trainer(
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    num_classes: int,
+    total_steps: int,
+    device: torch.device,
+    dist: Dist | None = None,
+) -> TrainState:
+    """Model (branch on when ``loss.beta > 0``), EMA, optimiser, schedule and scaler, on
+    ``device``; wrapped in DDP for several ranks and compiled when ``train.compile``.
+    The caller seeds the RNGs first (the initial weights draw from the global RNG)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = train_cfg.cudnn_benchmark
+    dtype = amp_dtype(train_cfg.amp, device)
+    model = build_model(model_cfg, num_classes, branch=loss_cfg.beta > 0).to(device)
+    if train_cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    ema = Ema(model, train_cfg.ema_decay, train_cfg.ema_foreach) if train_cfg.ema_decay else None
+    opt = build_optimizer(model, train_cfg, device)
+    sched = build_scheduler(opt, train_cfg, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    net: nn.Module = model
+    if dist is not None and dist.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model,
+            find_unused_parameters=loss_cfg.alpha == 0,  # aux head then gets no gradient
+        )
+    if train_cfg.compile:
+        net = torch.compile(net)
+    return TrainState(model, net, ema, opt, sched, scaler, loss_cfg, train_cfg, device, dtype)
+
+
+def train_step(state: TrainState, batch: _HasImagesTargets) -> Tensor:
+    """One optimisation step on ``batch`` (images, targets; on any device). Returns the
+    detached loss on the device (reading it would synchronise a GPU every step)."""
+    s, cfg = state, state.train
+    images = batch.images.to(s.device, non_blocking=True)
+    targets = batch.targets.to(s.device, non_blocking=True)
+    if s.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(s.device, s.dtype):
+        out = s.net(images, targets)
+    loss, _parts = compute_loss(out, targets, s.loss)
+    s.opt.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        s.scaler.unscale_(s.opt)
+        nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+    s.scaler.step(s.opt)
+    s.scaler.update()
+    s.sched.step()
+    if s.ema is not None:
+        s.ema.update(s.model)
+    return loss.detach()
+
+
+@dataclass(frozen=True)
+class TensorBatch:
+    """A batch of tensors already at hand (benchmarks; tests)."""
+
+    images: Tensor
+    targets: Tensor

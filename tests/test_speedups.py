@@ -1,0 +1,175 @@
+"""The training speed-ups change nothing beyond float tolerance (README: GPU table).
+
+Each switch is tested on the CPU against the path it replaces: the foreach EMA against the
+per-tensor loop, the fused optimiser against the default one, the device-decode loader (run
+on the CPU: its fallback) against the worker-decode loader, and background checkpoints
+against a resume from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lcm.config import LossConfig, ModelConfig, TrainConfig, load_params
+from lcm.data.shards import eval_loader, train_loader
+from lcm.engine import fit
+from lcm.errors import DataError
+from lcm.trainer import Ema, TensorBatch, build_trainer, train_step
+from tests._engine_fixtures import make_tiny_data, write_params
+from tests._predict_fixtures import corrupt_one_jpeg
+
+CPU = torch.device("cpu")
+TINY_MODEL = ModelConfig(backbone="resnet18", dim=32, heads=2, ffn=64, depth=1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.mktemp("speedup-data"))
+
+
+def _batches(n: int, classes: int = 4) -> list[TensorBatch]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        TensorBatch(
+            torch.randn(4, 3, 32, 32, generator=g),
+            (torch.rand(4, classes, generator=g) < 0.4).float(),
+        )
+        for _ in range(n)
+    ]
+
+
+def _trained_state(train: TrainConfig, steps: int = 4):
+    torch.manual_seed(0)
+    state = build_trainer(TINY_MODEL, LossConfig(beta=0.1), train, 4, steps, CPU)
+    for batch in _batches(steps):
+        train_step(state, batch)
+    return state
+
+
+def test_foreach_ema_equals_the_per_tensor_loop():
+    torch.manual_seed(0)
+    state = build_trainer(TINY_MODEL, LossConfig(beta=0.1), TrainConfig(ema_decay=None), 4, 6, CPU)
+    loop, multi = Ema(state.model, 0.9, foreach=False), Ema(state.model, 0.9, foreach=True)
+    for batch in _batches(6):
+        train_step(state, batch)  # moves the weights and the BatchNorm buffers
+        loop.update(state.model)
+        multi.update(state.model)
+    a, b = loop.module.state_dict(), multi.module.state_dict()
+    assert list(a) == list(b)
+    assert any(not v.dtype.is_floating_point for v in a.values())  # integer buffers covered
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # and the average really moved away from both the init and the live weights
+    live = state.model.state_dict()
+    assert any(not torch.equal(b[n], live[n]) for n in b if b[n].dtype.is_floating_point)
+
+
+def test_ema_foreach_survives_load_state_dict():
+    state = _trained_state(TrainConfig(ema_decay=0.9), steps=2)
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.ema.state_dict().items()}
+    saved["module"] = {k: v.clone() for k, v in saved["module"].items()}
+    fresh = Ema(state.model, 0.9, foreach=True)
+    fresh.update(state.model)  # caches its tensor lists
+    fresh.load_state_dict(saved)
+    reference = Ema(state.model, 0.9, foreach=False)
+    reference.load_state_dict(saved)
+    fresh.update(state.model)
+    reference.update(state.model)
+    for name, value in reference.module.state_dict().items():
+        assert torch.equal(value, fresh.module.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_fused_optimizer_matches_the_default_within_float_tolerance(optimizer):
+    # One step: training amplifies float rounding differences step after step (after four
+    # steps of this tiny net they reach ~2e-5 whichever two float paths are compared).
+    base = TrainConfig(optimizer=optimizer, ema_decay=None, grad_clip=1.0)
+    fused = _trained_state(replace(base, fused_optimizer=True), steps=1)
+    plain = _trained_state(replace(base, fused_optimizer=False), steps=1)
+    assert any(g.get("fused") for g in fused.opt.param_groups)
+    assert not any(g.get("fused") for g in plain.opt.param_groups)
+    for (name, a), b in zip(
+        fused.model.state_dict().items(), plain.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _same_batches(a, b) -> None:
+    got_a, got_b = list(a), list(b)
+    assert len(got_a) == len(got_b) > 0
+    for x, y in zip(got_a, got_b, strict=True):
+        assert x.keys == y.keys
+        assert torch.equal(x.images, y.images)
+        assert torch.equal(x.targets, y.targets)
+        assert x.skipped == y.skipped and x.shard == y.shard
+
+
+def test_device_decode_fallback_gives_the_worker_path_batches(data):
+    common = dict(batch_size=8, image_size=24, seed=5, epoch=1, num_workers=0)
+    _same_batches(
+        train_loader(data.train, **common),
+        train_loader(data.train, **common, device=CPU, decode_on_device=True),
+    )
+    _same_batches(  # through worker processes too, and resuming mid-epoch
+        train_loader(data.train, **{**common, "num_workers": 2}, skip_batches=2),
+        train_loader(
+            data.train, **common, skip_batches=2, device=CPU, decode_on_device=True
+        ),
+    )
+    evals = dict(batch_size=5, image_size=24, num_workers=0, align_shards=True)
+    _same_batches(
+        eval_loader(data.val, **evals),
+        eval_loader(data.val, **evals, decode_on_device=True),
+    )
+
+
+def test_device_decode_skips_or_names_a_corrupt_jpeg_like_the_workers(data, tmp_path):
+    shards = tmp_path / "shards"
+    key = corrupt_one_jpeg(data.train, shards, shard="shard-000001.tar")
+    evals = dict(batch_size=8, image_size=24, num_workers=0, skip_bad=True)
+    _same_batches(
+        eval_loader(shards, **evals),
+        eval_loader(shards, **evals, decode_on_device=True),
+    )
+    skipped = [s for b in eval_loader(shards, **evals, decode_on_device=True) for s in b.skipped]
+    assert [k for k, _ in skipped] == [key]
+    strict = {**evals, "skip_bad": False}
+    with pytest.raises(DataError, match=f"shard-000001.tar: sample '{key}': cannot decode"):
+        list(eval_loader(shards, **strict, decode_on_device=True))
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_checkpoint_policy_resumes_exactly(data, tmp_path, background):
+    """A run stopped right after a mid-epoch checkpoint was handed to the writer resumes to
+    the uninterrupted run's history and weights, with background writes on or off."""
+    params = load_params(
+        write_params(
+            tmp_path / "params.yaml",
+            train={"checkpoint_every": 2, "checkpoint_async": background},
+        )
+    )
+    reference = fit(params, data.train, data.val, tmp_path / "reference")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(step: int, total: int) -> None:
+        if step == 3:  # the checkpoint of step 2 may still be being written
+            raise Stop
+
+    out = tmp_path / "stopped"
+    with pytest.raises(Stop):
+        fit(params, data.train, data.val, out, progress=stop_after)
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 2, 2)
+    resumed = fit(params, data.train, data.val, out, resume=True)
+    assert resumed.history == reference.history
+    ref = torch.load(tmp_path / "reference" / "state.pt", weights_only=True)
+    got = torch.load(out / "state.pt", weights_only=True)
+    for name, value in ref["model"].items():
+        assert torch.equal(value, got["model"][name]), name
+    reference_weights = (tmp_path / "reference" / "model.safetensors").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == reference_weights
