@@ -116,7 +116,11 @@ def test_device_decode_fallback_gives_the_worker_path_batches(data):
     _same_batches(  # through worker processes too, and resuming mid-epoch
         train_loader(data.train, **{**common, "num_workers": 2}, skip_batches=2),
         train_loader(
-            data.train, **common, skip_batches=2, device=CPU, decode_on_device=True
+            data.train,
+            **{**common, "num_workers": 2},
+            skip_batches=2,
+            device=CPU,
+            decode_on_device=True,
         ),
     )
     evals = dict(batch_size=5, image_size=24, num_workers=0, align_shards=True)

@@ -26,11 +26,14 @@ number of workers, and ``skip_batches=k`` starts at batch ``k`` without touching
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
 import json
 import math
+import queue
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -521,8 +524,14 @@ class BatchLoader:
         loader = DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is
         )
-        for raw in loader:
-            yield self._encoded(raw) if isinstance(raw, _Encoded) else self._decoded(raw)
+        batches = (self._finish(raw) for raw in loader)
+        if self.device is None or not (self.device.type == "cuda" or not self.stream.decode):
+            yield from batches  # plain CPU batches: nothing to overlap
+            return
+        yield from _prefetched(batches, self.device)
+
+    def _finish(self, raw: _RawBatch | _Encoded) -> Batch:
+        return self._encoded(raw) if isinstance(raw, _Encoded) else self._decoded(raw)
 
     def _decoded(self, raw: _RawBatch) -> Batch:
         pixels, targets, keys, skipped, shard = raw
@@ -576,6 +585,63 @@ class BatchLoader:
                 skipped.append((key, f"undecodable JPEG ({str(e).splitlines()[0]})"))
                 imgs.append(None)
         return imgs, skipped
+
+
+def _prefetched(batches: Iterator[Batch], device: torch.device, depth: int = 2) -> Iterator[Batch]:
+    """``batches``, made ready by a background thread up to ``depth`` ahead.
+
+    On a GPU the thread decodes, copies and normalises on its own CUDA stream, so that work
+    overlaps the consumer's kernels instead of queueing behind them; each batch carries an
+    event the consumer's stream waits on before touching the images. Order, contents and
+    errors are those of ``batches`` (an error is raised where its batch would have been).
+    """
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                for batch in batches:
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(side)
+                    if not put((batch, event)):
+                        return
+            put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+
+    thread = threading.Thread(target=work, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            batch, event = item
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                batch.images.record_stream(current)  # the allocator must not reuse it early
+            yield batch
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _as_is(batch: _RawBatch | _Encoded) -> _RawBatch | _Encoded:
