@@ -54,6 +54,7 @@ from lcm.data.shards import eval_loader, resolve_shards, train_loader  # noqa: E
 from lcm.engine import batch_delivery  # noqa: E402
 from lcm.inference import score_batches  # noqa: E402
 from lcm.models import build_model  # noqa: E402
+from lcm.models.fold import fold_batchnorm  # noqa: E402
 from lcm.runtime import amp_dtype  # noqa: E402
 from lcm.trainer import TensorBatch, build_trainer, train_step  # noqa: E402
 
@@ -264,21 +265,33 @@ def measure_stream(
     return round(size.timed_steps * cfg.batch_size / (time.perf_counter() - t0), 1)
 
 
-def inference_model(size: Size, arch: str, device: torch.device) -> torch.nn.Module:
+def inference_model(
+    size: Size, arch: str, device: torch.device, fold: bool = False
+) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(model_config(size, arch), NUM_CLASSES, branch=False).to(device)
+    model = build_model(model_config(size, arch), NUM_CLASSES, branch=False).to(device).eval()
+    if fold:
+        fold_batchnorm(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return model.eval()
+    return model
 
 
 def measure_predict(
-    shards: Any, size: Size, arch: str, device: torch.device, workers: int, gpu_decode: bool
+    shards: Any,
+    size: Size,
+    arch: str,
+    device: torch.device,
+    workers: int,
+    gpu_decode: bool,
+    fold: bool = False,
+    batch: int | None = None,
 ) -> dict[str, Any]:
     """Images/s of batch prediction from the shards, decode included (sigmoid scores back on
     the host, as `lcm batch-predict` gets them)."""
     reset_peak(device)
-    model = inference_model(size, arch, device)
+    size = replace(size, predict_batch=batch or size.predict_batch)
+    model = inference_model(size, arch, device, fold)
     dtype = amp_dtype("bf16", device)
     cfg = train_config(size, device, gpu_decode=gpu_decode)
     loader = eval_loader(
@@ -306,9 +319,12 @@ def measure_predict(
 
 
 @torch.inference_mode()
-def measure_model_only(size: Size, arch: str, device: torch.device) -> dict[str, Any]:
+def measure_model_only(
+    size: Size, arch: str, device: torch.device, fold: bool = False, batch: int | None = None
+) -> dict[str, Any]:
     reset_peak(device)
-    model = inference_model(size, arch, device)
+    size = replace(size, predict_batch=batch or size.predict_batch)
+    model = inference_model(size, arch, device, fold)
     x = torch.randn(size.predict_batch, 3, size.image_size, size.image_size, device=device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -424,6 +440,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=330, help="seconds; later steps are skipped")
     ap.add_argument("--workers", type=int, default=None, help="CPU-decode loader workers")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
+    ap.add_argument("--only", choices=["predict"], default=None, help="run one section")
     args = ap.parse_args()
     device = torch.device(args.device)
     size = SMOKE if args.smoke else FULL
@@ -500,6 +517,56 @@ def main() -> None:
         if device.type == "cuda" and attempt("decode", "check", gpu_decode_check) is None:
             on = replace(on, gpu_decode=False)  # measure the rest with CPU decoding
 
+        # 2. prediction end to end from the shards (BatchNorm folded, as `lcm batch-predict`
+        # runs it), and the model alone on tensors already on the GPU
+        def predictions() -> None:
+            big = 2 * size.predict_batch
+            for arch in ("lcm", "gap"):
+                attempt(
+                    "predict",
+                    f"{arch}, gpu decode, folded",
+                    lambda a=arch: measure_predict(
+                        shards, size, a, device, read_workers, True, True
+                    ),
+                )
+                attempt(
+                    "predict",
+                    f"{arch}, model only, folded",
+                    lambda a=arch: measure_model_only(size, a, device, fold=True),
+                )
+                attempt(
+                    "predict",
+                    f"{arch}, model only",
+                    lambda a=arch: measure_model_only(size, a, device),
+                )
+            attempt(
+                "predict",
+                f"lcm, gpu decode, folded, batch {big}",
+                lambda: measure_predict(shards, size, "lcm", device, read_workers, True, True, big),
+            )
+            attempt(
+                "predict",
+                f"lcm, model only, folded, batch {big}",
+                lambda: measure_model_only(size, "lcm", device, fold=True, batch=big),
+            )
+            attempt(
+                "predict",
+                "lcm, gpu decode (not folded)",
+                lambda: measure_predict(shards, size, "lcm", device, read_workers, True),
+            )
+            attempt(
+                "predict",
+                "lcm, cpu decode, folded",
+                lambda: measure_predict(shards, size, "lcm", device, cpu_workers, False, True),
+            )
+
+        if args.only == "predict":
+            predictions()
+            report.data["complete"] = True
+            report.save()
+            log(f"done (predict only) -> {args.out}")
+            return
+
         # 1. the headline: every speed-up on, real shard stream; and the checkpoint cost
         def headline() -> dict[str, Any]:
             res, state = measure_train(shards, size, "lcm", on, device, workers_for(on))
@@ -524,23 +591,7 @@ def main() -> None:
                 },
             )
 
-        # 2. prediction end to end from the shards, and the model alone
-        for arch in ("lcm", "gap"):
-            attempt(
-                "predict",
-                f"{arch}, gpu decode (prefetch thread)",
-                lambda arch=arch: measure_predict(shards, size, arch, device, read_workers, True),
-            )
-            attempt(
-                "predict",
-                f"{arch}, model only",
-                lambda arch=arch: measure_model_only(size, arch, device),
-            )
-        attempt(
-            "predict",
-            "lcm, cpu decode",
-            lambda: measure_predict(shards, size, "lcm", device, cpu_workers, False),
-        )
+        predictions()
 
         # 3. ablation: from everything off (the old configuration), speed-ups added one at
         # a time in this order; the last step, GPU decode, is the headline run above

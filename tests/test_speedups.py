@@ -177,3 +177,25 @@ def test_checkpoint_policy_resumes_exactly(data, tmp_path, background):
         assert torch.equal(value, got["model"][name]), name
     reference_weights = (tmp_path / "reference" / "model.safetensors").read_bytes()
     assert (out / "model.safetensors").read_bytes() == reference_weights
+
+
+@pytest.mark.parametrize("arch", ["lcm", "gap"])
+def test_folded_batchnorm_scores_match_the_unfolded_model(arch):
+    from lcm.models import build_model
+    from lcm.models.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(replace(TINY_MODEL, arch=arch), 4, branch=False)
+    for _, batch in zip(range(3), _batches(3)):  # give the BatchNorms real running statistics
+        model.train()(batch.images)
+    model.eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        before = torch.sigmoid(model(x).logits)
+        n = fold_batchnorm(model)
+        after = torch.sigmoid(model(x).logits)
+    assert n == 20  # resnet18: the stem, 16 in the blocks, 3 downsample paths
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(model.train())
