@@ -25,10 +25,10 @@ from collections.abc import Callable
 
 import torch
 
-from lcm.config import LossConfig, ModelConfig
+from lcm.config import LossConfig, ModelConfig, TrainConfig
 from lcm.models import build_model
 from lcm.models.complexity import model_report
-from lcm.models.losses import compute_loss
+from lcm.trainer import TensorBatch, build_trainer, train_step
 
 PAPER_MAC_RATIO = 35.8 / 31.5
 
@@ -85,24 +85,18 @@ def bench_inference(cfg: ModelConfig, classes: int, size: int, batch: int, args)
 
 
 def bench_train_step(cfg: ModelConfig, classes: int, size: int, batch: int, args) -> dict:
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    model = build_model(cfg, classes).train().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    train = TrainConfig(
+        lr=1e-4, ema_decay=None, grad_clip=None, scheduler="constant", amp="off", device=device.type
+    )
     images = torch.randn(batch, 3, size, size, device=device)
     targets = torch.randint(0, 2, (batch, classes), device=device).float()
+    data = TensorBatch(images, targets)
 
     def step(beta: float) -> Callable[[], None]:
-        loss_cfg = LossConfig(beta=beta)
-
-        def call() -> None:
-            model.branch = beta > 0  # what the training loop passes to build_model
-            loss, _ = compute_loss(model(images, targets), targets, loss_cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        return call
+        torch.manual_seed(0)  # the same initial weights for both contenders
+        state = build_trainer(cfg, LossConfig(beta=beta), train, classes, 10**6, device)
+        return lambda: train_step(state, data)
 
     medians, raw = interleaved(
         {"branch": step(0.1), "plain": step(0.0)}, args.warmup, args.train_repeats, device

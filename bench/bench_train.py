@@ -1,17 +1,20 @@
 """Training throughput: the real shard stream against random tensors already in memory.
 
-Both contenders run the same model and `engine.train_step` with the same batch size and
+Both contenders run the same training state (`lcm.trainer`) with the same batch size and
 threads; the only difference is where the batches come from. The shard stream's extra cost
 is the data pipeline's share of a training step (target: <= 10%). Contenders alternate for
-``--repeats`` rounds and each figure is the median round.
+``--repeats`` rounds and each figure is the median round. The stream is measured for each
+loader worker count of ``--workers`` (the workers compete with the training threads for the
+cores), and the best count on this machine is reported.
 
     .venv/bin/dvc repro shard       # the demo's shards, or pass --shards
-    .venv/bin/python bench/bench_train.py --steps 20
+    .venv/bin/python bench/bench_train.py --steps 20 --workers 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -24,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lcm.config import load_params  # noqa: E402
 from lcm.data.shards import resolve_shards, train_loader  # noqa: E402
-from lcm.engine import Ema, build_optimizer, train_step  # noqa: E402
-from lcm.models import build_model  # noqa: E402
-from lcm.runtime import amp_dtype, select_device  # noqa: E402
+from lcm.engine import batch_delivery  # noqa: E402
+from lcm.runtime import select_device  # noqa: E402
+from lcm.trainer import TensorBatch, build_trainer, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +38,9 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--steps", type=int, default=20, help="timed steps per round")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=None, help="default: train.num_workers")
+    ap.add_argument(
+        "--workers", type=int, nargs="+", default=None, help="default: train.num_workers"
+    )
     ap.add_argument("--arch", default=None, help="override model.arch")
     args = ap.parse_args()
 
@@ -43,32 +48,24 @@ def main() -> None:
     if args.arch:
         params = replace(params, model=replace(params.model, arch=args.arch))
     cfg = params.train
-    workers = cfg.num_workers if args.workers is None else args.workers
+    counts = args.workers if args.workers is not None else [cfg.num_workers]
     device = select_device(cfg.device)
-    dtype = amp_dtype(cfg.amp, device)
     shards = resolve_shards(args.shards)
     num_classes = len(shards[1].classes)
 
     torch.manual_seed(0)
-    model = build_model(params.model, num_classes, branch=params.loss.beta > 0).to(device).train()
-    opt = build_optimizer(model, params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = Ema(model, cfg.ema_decay) if cfg.ema_decay else None
-
-    def step(images: torch.Tensor, targets: torch.Tensor) -> None:
-        train_step(model, model, images, targets, opt, sched, scaler, ema, params, device, dtype)
-
+    state = build_trainer(params.model, params.loss, cfg, num_classes, 10**6, device)
     images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size)
     targets = (torch.rand(cfg.batch_size, num_classes) < 0.2).float()
+    in_memory_batch = TensorBatch(images, targets)
 
     def in_memory() -> float:
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            step(images, targets)
+            train_step(state, in_memory_batch)
         return time.perf_counter() - t0
 
-    def streamed(epoch: int) -> float:
+    def streamed(epoch: int, workers: int) -> float:
         loader = train_loader(
             shards,
             batch_size=cfg.batch_size,
@@ -76,6 +73,7 @@ def main() -> None:
             seed=0,
             epoch=epoch,
             num_workers=workers,
+            **batch_delivery(cfg, device),
         )
         if len(loader) < args.steps:
             raise SystemExit(f"{args.shards}: only {len(loader)} batches; lower --steps")
@@ -83,27 +81,32 @@ def main() -> None:
         for i, batch in enumerate(loader):
             if i == args.steps:
                 break
-            step(batch.images, batch.targets)
+            train_step(state, batch)
         return time.perf_counter() - t0
 
     in_memory()  # warm-up
-    mem, real = [], []
+    mem: list[float] = []
+    real: dict[int, list[float]] = {w: [] for w in counts}
     for r in range(args.repeats):
         mem.append(in_memory())
-        real.append(streamed(r))
-    t_mem, t_real = statistics.median(mem), statistics.median(real)
+        for w in counts:
+            real[w].append(streamed(r, w))
+    t_mem = statistics.median(mem)
     n = args.steps * cfg.batch_size
     print(
         f"{params.model.arch} / {params.model.backbone} at {cfg.image_size} px, batch "
-        f"{cfg.batch_size}, {torch.get_num_threads()} threads, {workers} loader workers, "
+        f"{cfg.batch_size}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
         f"{args.steps} steps x {args.repeats} rounds on {device.type}"
     )
-    print(f"random tensors in memory: {n / t_mem:8.1f} images/s")
-    print(f"shard stream:             {n / t_real:8.1f} images/s")
-    print(
-        f"data pipeline cost:       {100 * (t_real / t_mem - 1):8.1f} % of a step "
-        f"(stream/memory time ratio {t_real / t_mem:.3f})"
-    )
+    print(f"random tensors in memory:        {n / t_mem:8.1f} images/s")
+    for w in counts:
+        t_real = statistics.median(real[w])
+        print(
+            f"shard stream, {w} loader workers: {n / t_real:8.1f} images/s, data pipeline "
+            f"{100 * (t_real / t_mem - 1):5.1f} % of a step (time ratio {t_real / t_mem:.3f})"
+        )
+    best = min(counts, key=lambda w: statistics.median(real[w]))
+    print(f"best worker count here: {best} (train.num_workers is {cfg.num_workers})")
 
 
 if __name__ == "__main__":

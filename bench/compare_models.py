@@ -160,6 +160,21 @@ def write_table(args: argparse.Namespace, plan: list, runs: dict, ratio: float, 
     return table
 
 
+def say(msg: str) -> None:
+    """Progress on stdout, unbuffered, so a call cut off by its time limit still shows it."""
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def _write_json(path: Path, value: object) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+
+
+def _names(pending: list) -> list[str]:
+    return [f"{s.replace(' ', '-')}-{a}-s{seed}" for _, (a, s, _, _, seed) in pending]
+
+
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
@@ -191,7 +206,14 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (one GPU fits several)")
     ap.add_argument("--parts", nargs="+", default=["epochs", "compute", "small"])
     ap.add_argument("--quick", action="store_true", help="tiny smoke settings")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds: runs whose estimate no longer fits are skipped (listed in runs.json)",
+    )
     args = ap.parse_args()
+    started = time.perf_counter()
     if args.quick:
         args.seeds, args.epochs, args.n_train, args.n_val, args.small = [0, 1], 1, 256, 128, 128
         args.batch_size, args.dim, args.size = 32, 64, 64
@@ -252,34 +274,72 @@ def main() -> None:
         for arch, setting, train, epochs in plan
         for seed in args.seeds
     ]
+    step_s = {"lcm": t_lcm, "gap": t_gap}
+    sizes = {data["train"]: args.n_train, data["small"]: args.small}
+
+    observed: list[float] = []  # wall seconds / estimate of the finished runs
+
+    def estimate(arch: str, train: Path, epochs: int) -> float:
+        """Seconds of one run: its steps at the measured step time, plus 30 % for loading
+        and evaluation, corrected by how the finished runs compared with their estimates
+        (process start, evaluation); a guide for --budget, printed beside every run."""
+        return raw_estimate(arch, train, epochs) * (
+            statistics.median(observed) if observed else 1.0
+        )
+
+    def raw_estimate(arch: str, train: Path, epochs: int) -> float:
+        return 1.3 * epochs * (sizes[train] // args.batch_size) * step_s[arch]
+
+    total = sum(estimate(a, t, e) for a, _, t, e, _ in jobs) / args.jobs
+    say(f"{len(jobs)} runs, about {total:.0f} s at {args.jobs} at a time on {_device_name(device)}")
+    results = args.out / "runs.json"
+    skipped: list[str] = []
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        futures = {}
-        for arch, setting, train, epochs, seed in jobs:
-            name = f"{setting.replace(' ', '-')}-{arch}-s{seed}"
-            fut = pool.submit(
-                run_one,
-                params_for(arch, seed, epochs),
-                train,
-                data["val"],
-                (args.runs_dir or args.out / "runs") / name,
-                data["meta"],
-            )
-            futures[fut] = (arch, setting, seed, name)
-        for fut in as_completed(futures):
-            arch, setting, seed, name = futures[fut]
+        futures: dict = {}
+        pending = list(enumerate(jobs, start=1))
+
+        def submit_next() -> None:
+            while pending and len(futures) < args.jobs:
+                i, (arch, setting, train, epochs, seed) = pending.pop(0)
+                name = f"{setting.replace(' ', '-')}-{arch}-s{seed}"
+                est = estimate(arch, train, epochs)
+                left = args.budget - (time.perf_counter() - started) if args.budget else None
+                if left is not None and est > left:
+                    skipped.append(name)
+                    say(f"[{i}/{len(jobs)}] skip {name}: ~{est:.0f} s > {left:.0f} s left")
+                    continue
+                say(f"[{i}/{len(jobs)}] start {name} ({epochs} epochs, ~{est:.0f} s)")
+                fut = pool.submit(
+                    run_one,
+                    params_for(arch, seed, epochs),
+                    train,
+                    data["val"],
+                    (args.runs_dir or args.out / "runs") / name,
+                    data["meta"],
+                )
+                raw = raw_estimate(arch, train, epochs)
+                futures[fut] = (arch, setting, seed, name, i, raw, time.perf_counter())
+
+        submit_next()
+        while futures:
+            fut = next(as_completed(futures))
+            arch, setting, seed, name, i, raw, t_submit = futures.pop(fut)
             row = fut.result()
+            if args.jobs == 1:  # with several at once the wall time includes waiting
+                observed.append((time.perf_counter() - t_submit) / max(raw, 1e-3))
             row.update(arch=arch, setting=setting, seed=seed)
-            log.info(
-                "done %s: mAP %.4f (ema %.4f) in %.0f s",
-                name,
-                row["raw"]["mAP"],
-                row["ema"]["mAP"],
-                row["seconds"],
+            say(
+                f"[{i}/{len(jobs)}] done {name}: mAP {row['raw']['mAP']:.4f} "
+                f"(EMA {row['ema']['mAP']:.4f}) in {row['seconds']:.0f} s"
             )
             runs.setdefault(f"{setting}|{arch}", []).append(row)
-            (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
+            _write_json(results, {"runs": runs, "skipped": skipped + [n for n in _names(pending)]})
             write_table(args, plan, runs, ratio, device)
+            submit_next()
+    _write_json(results, {"runs": runs, "skipped": skipped})
+    if skipped:
+        say(f"skipped for the budget: {', '.join(skipped)}")
     print(write_table(args, plan, runs, ratio, device))
 
 

@@ -500,7 +500,7 @@ def main() -> None:
         report.put("data", "shards", data)
         log(f"shards: {data}")
 
-        on = train_config(size, device)
+        on = train_config(size, device, **{k: True for k in SPEEDUPS})
         off = train_config(size, device, **{k: False for k in SPEEDUPS})
 
         def gpu_decode_check() -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +269,8 @@ def _validate(
         batch_size=params.evaluate.batch_size,
         image_size=params.train.image_size,
         num_workers=params.train.num_workers,
-        **batch_delivery(params.train, state.device),
+        # scored with the CPU decoder, like `lcm evaluate`, whatever train.gpu_decode says
+        **batch_delivery(replace(params.train, gpu_decode=False), state.device),
     )
     row: dict[str, float] = {}
     candidates: list[tuple[str, nn.Module]] = [("val", unwrap(state.model))]

@@ -186,7 +186,7 @@ def test_folded_batchnorm_scores_match_the_unfolded_model(arch):
 
     torch.manual_seed(0)
     model = build_model(replace(TINY_MODEL, arch=arch), 4, branch=False)
-    for _, batch in zip(range(3), _batches(3)):  # give the BatchNorms real running statistics
+    for batch in _batches(3):  # give the BatchNorms real running statistics
         model.train()(batch.images)
     model.eval()
     x = torch.randn(5, 3, 32, 32)

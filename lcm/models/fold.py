@@ -31,7 +31,7 @@ def fold_batchnorm(model: nn.Module) -> int:
         pairs: list[tuple[str, str]] = []
         if isinstance(parent, nn.Sequential):
             names = list(parent._modules)
-            pairs += list(zip(names, names[1:]))
+            pairs += list(zip(names, names[1:], strict=False))
         for name in parent._modules:
             m = _CONV.fullmatch(name)
             if m and f"bn{m.group(1)}" in parent._modules:
