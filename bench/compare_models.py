@@ -334,7 +334,7 @@ def main() -> None:
                 f"(EMA {row['ema']['mAP']:.4f}) in {row['seconds']:.0f} s"
             )
             runs.setdefault(f"{setting}|{arch}", []).append(row)
-            _write_json(results, {"runs": runs, "skipped": skipped + [n for n in _names(pending)]})
+            _write_json(results, {"runs": runs, "skipped": skipped, "not_started": _names(pending)})
             write_table(args, plan, runs, ratio, device)
             submit_next()
     _write_json(results, {"runs": runs, "skipped": skipped})

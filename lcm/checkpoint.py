@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -42,6 +43,8 @@ EMA_WEIGHTS = "ema.safetensors"
 STATE_FILE = "state.pt"
 THRESHOLDS_FILE = "thresholds.json"
 FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -370,10 +373,12 @@ def to_cpu(obj: Any) -> Any:
 class CheckpointWriter:
     """Runs checkpoint writes one after another, in a background thread when ``background``.
 
-    A write waits for the previous one, so files are written in order and at most one
-    snapshot is in memory besides the live state; :meth:`close` waits for the last and
-    re-raises any error a write met. Every file is still written atomically, so a run killed
-    during a background write resumes from the previous complete checkpoint.
+    A write waits for the previous one, so files are written in order; a caller that calls
+    :meth:`wait` before taking its snapshot holds at most one snapshot besides the live state.
+    :meth:`close` waits for the last write and re-raises any error a write met (``quiet``:
+    logs it instead, for when another error is already on its way). Every file is still
+    written atomically, so a run killed during a background write resumes from the previous
+    complete checkpoint.
     """
 
     def __init__(self, background: bool) -> None:
@@ -392,9 +397,13 @@ class CheckpointWriter:
         if pending is not None:
             pending.result()
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
         try:
             self.wait()
+        except Exception:
+            if not quiet:
+                raise
+            log.exception("a background checkpoint write failed")
         finally:
             if self._pool is not None:
                 self._pool.shutdown()

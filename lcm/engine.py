@@ -9,6 +9,7 @@ Logging and progress reach the caller through callbacks (the library knows no Pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -135,6 +136,7 @@ def fit(
         """Snapshot now; write now or in the background (``train.checkpoint_async``)."""
         if not dist.main:
             return
+        writer.wait()  # one snapshot in host memory at a time
         raw = ckpt.plain_state(model)
         ema_w = ckpt.plain_state(ema.module) if ema else None
         keys = sorted({k for row in history for k in row})
@@ -165,23 +167,24 @@ def fit(
         for epoch in range(start_epoch, cfg.epochs):
             state.net.train()
             seen: list[str] = []
-            batches = _iterate(make_train(epoch, start_batch))
-            for i, batch in enumerate(batches, start=start_batch):
-                loss = train_step(state, batch)
-                step += 1
-                running = running + loss.float()
-                n_loss += 1
-                if record_keys:
-                    seen.extend(batch.keys)
-                if progress and dist.main:
-                    progress(step, total_steps)
-                done_in_epoch = i + 1
-                if (
-                    cfg.checkpoint_every
-                    and step % cfg.checkpoint_every == 0
-                    and done_in_epoch < steps_per_epoch
-                ):
-                    save(epoch, done_in_epoch, float(running), n_loss)
+            # closing: an error stops the loader (its workers, prefetch thread) right away
+            with contextlib.closing(_iterate(make_train(epoch, start_batch))) as batches:
+                for i, batch in enumerate(batches, start=start_batch):
+                    loss = train_step(state, batch)
+                    step += 1
+                    running = running + loss.float()
+                    n_loss += 1
+                    if record_keys:
+                        seen.extend(batch.keys)
+                    if progress and dist.main:
+                        progress(step, total_steps)
+                    done_in_epoch = i + 1
+                    if (
+                        cfg.checkpoint_every
+                        and step % cfg.checkpoint_every == 0
+                        and done_in_epoch < steps_per_epoch
+                    ):
+                        save(epoch, done_in_epoch, float(running), n_loss)
             start_batch = 0
             if record_keys:
                 ranks = out_dir / "ranks"
@@ -206,8 +209,10 @@ def fit(
             save(epoch + 1, 0)
             if dist.world_size > 1:
                 torch.distributed.barrier()
-    finally:
-        writer.close()
+    except BaseException:
+        writer.close(quiet=True)  # the training error is the one to report
+        raise
+    writer.close()
     return FitResult(out_dir=out_dir, epochs=cfg.epochs, steps=step, history=history)
 
 
@@ -243,12 +248,17 @@ def _iterate(loader: Any) -> Iterator[Any]:
     their own seeded generators, so the training RNG stays the model's alone.
     """
     it = iter(loader)
-    while True:
-        with torch.random.fork_rng(devices=[]):
-            batch = next(it, None)
-        if batch is None:
-            return
-        yield batch
+    try:
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield batch
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def batch_delivery(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:

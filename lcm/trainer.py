@@ -54,7 +54,8 @@ class Ema:
         self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.updates = 0
         self._names = list(self.module.state_dict())
-        self._src: tuple[int, list[Tensor], list[Tensor]] | None = None
+        self._src: tuple[tuple[int, ...], list[Tensor], list[Tensor]] | None = None
+        self._dst: tuple[tuple[int, ...], list[Tensor], list[Tensor]] | None = None
 
     def _split(self, state: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         floats = [state[n] for n in self._names if state[n].dtype.is_floating_point]
@@ -75,17 +76,25 @@ class Ema:
                 else:
                     value.copy_(src[name])
             return
-        # state_dict() values alias the live tensors, so both lists are built once per model
-        if self._src is None or self._src[0] != id(src_model):
-            floats, others = self._split(src_model.state_dict())
-            self._src = (id(src_model), floats, others)
-            self._dst = self._split(self.module.state_dict())
+        # state_dict() values alias the live tensors, so the lists are rebuilt only when a
+        # tensor moved (model.to(...), a new model): the storage addresses are the check
+        self._src = self._aliases(src_model, self._src)
+        self._dst = self._aliases(self.module, self._dst)
         _, src_f, src_o = self._src
-        dst_f, dst_o = self._dst
+        _, dst_f, dst_o = self._dst
         if dst_f:
             torch._foreach_lerp_(dst_f, src_f, 1.0 - d)
         if dst_o:
             torch._foreach_copy_(dst_o, src_o)
+
+    def _aliases(
+        self, module: nn.Module, cached: tuple[tuple[int, ...], list[Tensor], list[Tensor]] | None
+    ) -> tuple[tuple[int, ...], list[Tensor], list[Tensor]]:
+        where = (id(module), *(t.data_ptr() for t in module.parameters()))
+        where += tuple(t.data_ptr() for t in module.buffers())
+        if cached is not None and cached[0] == where:
+            return cached
+        return (where, *self._split(module.state_dict()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(), "updates": self.updates}
@@ -164,7 +173,11 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model"])
+        # the saved param groups carry fused / foreach; this run's train config decides them
+        kernels = {k: self.opt.param_groups[0][k] for k in ("fused", "foreach")}
         self.opt.load_state_dict(state["optimizer"])
+        for group in self.opt.param_groups:
+            group.update(kernels)
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:

@@ -8,11 +8,13 @@ against a resume from them.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import pytest
 import torch
 
+from lcm import checkpoint as ckpt
 from lcm.config import LossConfig, ModelConfig, TrainConfig, load_params
 from lcm.data.shards import eval_loader, train_loader
 from lcm.engine import fit
@@ -53,10 +55,12 @@ def test_foreach_ema_equals_the_per_tensor_loop():
     torch.manual_seed(0)
     state = build_trainer(TINY_MODEL, LossConfig(beta=0.1), TrainConfig(ema_decay=None), 4, 6, CPU)
     loop, multi = Ema(state.model, 0.9, foreach=False), Ema(state.model, 0.9, foreach=True)
-    for batch in _batches(6):
+    for i, batch in enumerate(_batches(6)):
         train_step(state, batch)  # moves the weights and the BatchNorm buffers
         loop.update(state.model)
         multi.update(state.model)
+        if i == 2:  # new storage for every conv weight: the foreach lists must follow it
+            state.model.to(memory_format=torch.channels_last)
     a, b = loop.module.state_dict(), multi.module.state_dict()
     assert list(a) == list(b)
     assert any(not v.dtype.is_floating_point for v in a.values())  # integer buffers covered
@@ -80,6 +84,23 @@ def test_ema_foreach_survives_load_state_dict():
     reference.update(state.model)
     for name, value in reference.module.state_dict().items():
         assert torch.equal(value, fresh.module.state_dict()[name]), name
+
+
+def test_resume_takes_the_optimizer_kernels_from_this_runs_config():
+    fused = _trained_state(TrainConfig(ema_decay=None, fused_optimizer=True), steps=1)
+    saved = fused.state_dict()
+    torch.manual_seed(0)
+    plain = build_trainer(
+        TINY_MODEL,
+        LossConfig(beta=0.1),
+        TrainConfig(ema_decay=None, fused_optimizer=False),
+        4,
+        1,
+        CPU,
+    )
+    plain.load_state_dict(saved)
+    assert not any(g.get("fused") for g in plain.opt.param_groups)
+    assert plain.opt.state_dict()["state"].keys() == saved["optimizer"]["state"].keys()
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -146,7 +167,7 @@ def test_device_decode_skips_or_names_a_corrupt_jpeg_like_the_workers(data, tmp_
 
 
 @pytest.mark.parametrize("background", [True, False])
-def test_checkpoint_policy_resumes_exactly(data, tmp_path, background):
+def test_checkpoint_policy_resumes_exactly(data, tmp_path, monkeypatch, background):
     """A run stopped right after a mid-epoch checkpoint was handed to the writer resumes to
     the uninterrupted run's history and weights, with background writes on or off."""
     params = load_params(
@@ -157,11 +178,24 @@ def test_checkpoint_policy_resumes_exactly(data, tmp_path, background):
     )
     reference = fit(params, data.train, data.val, tmp_path / "reference")
 
+    # The background write of step 2's checkpoint waits until step 3 has changed the live
+    # weights, so a snapshot that aliased them would be caught every time.
+    step3_done = threading.Event()
+    write_weights = ckpt.save_weights
+
+    def late_write(*args, **kwargs):
+        if background:
+            assert step3_done.wait(60)
+        write_weights(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_weights", late_write)
+
     class Stop(Exception):
         pass
 
     def stop_after(step: int, total: int) -> None:
-        if step == 3:  # the checkpoint of step 2 may still be being written
+        if step == 3:
+            step3_done.set()
             raise Stop
 
     out = tmp_path / "stopped"
@@ -199,3 +233,22 @@ def test_folded_batchnorm_scores_match_the_unfolded_model(arch):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(model.train())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_prefetched_batches_equal_the_cpu_batches(data):
+    """The side-stream prefetch (pinned uint8 copies normalised on the GPU) delivers the CPU
+    path's batches; stopping early shuts its thread down."""
+    cuda = torch.device("cuda")
+    common = dict(batch_size=8, image_size=24, seed=5, epoch=1, num_workers=2)
+    cpu = list(train_loader(data.train, **common))
+    gpu = train_loader(data.train, **common, device=cuda, pin_memory=True)
+    got = list(gpu)
+    assert [b.keys for b in got] == [b.keys for b in cpu]
+    for a, b in zip(cpu, got, strict=True):
+        assert b.images.device.type == "cuda"
+        torch.testing.assert_close(b.images.cpu(), a.images, rtol=0, atol=1e-6)
+    it = iter(gpu)
+    next(it)
+    it.close()
+    assert not any(t.name == "batch-prefetch" for t in threading.enumerate())

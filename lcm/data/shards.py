@@ -425,6 +425,8 @@ class _BatchStream(IterableDataset):
         self.plan, self.mask, self.first = plan, mask, first
         self.augment, self.image_size, self.skip_bad = augment, image_size, skip_bad
         self.decode = decode  # False: workers only read; the loader decodes on its device
+        if augment and skip_bad:  # a skipped image would shift the flips drawn after it
+            raise ValueError("a training stream never skips images")
 
     def __iter__(self) -> Iterator[_RawBatch]:
         worker = get_worker_info()
@@ -567,16 +569,16 @@ class BatchLoader:
     ) -> tuple[list[Tensor | None], list[tuple[str, str]]]:
         try:
             return list(decode_images(raw.jpegs, device)), []
-        except RuntimeError:
-            pass  # find the culprit one image at a time
+        except RuntimeError as e:
+            _raise_device_failure(e)  # find the culprit one image at a time
         imgs: list[Tensor | None] = []
         skipped: list[tuple[str, str]] = []
         for jpg, key, where in zip(raw.jpegs, raw.keys, raw.wheres, strict=True):
             try:
                 imgs.append(decode_images([jpg], device)[0])
                 continue
-            except RuntimeError:
-                pass
+            except RuntimeError as e:
+                _raise_device_failure(e)
             try:  # what the GPU decoder cannot do (CMYK, say) the CPU decoder may
                 imgs.append(decode_image(jpg).to(device))
             except RuntimeError as e:
@@ -585,6 +587,12 @@ class BatchLoader:
                 skipped.append((key, f"undecodable JPEG ({str(e).splitlines()[0]})"))
                 imgs.append(None)
         return imgs, skipped
+
+
+def _raise_device_failure(e: RuntimeError) -> None:
+    """Out of memory or a broken CUDA context is not a bad JPEG: let it through."""
+    if isinstance(e, torch.OutOfMemoryError) or str(e).startswith("CUDA error"):
+        raise e
 
 
 def _prefetched(batches: Iterator[Batch], device: torch.device, depth: int = 2) -> Iterator[Batch]:

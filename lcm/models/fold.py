@@ -19,9 +19,10 @@ _CONV = re.compile(r"conv(\d+)")
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold, in place, every BatchNorm2d that directly follows a Conv2d; return how many.
 
-    "Directly follows" is read from structure, never guessed: two neighbours in an
-    ``nn.Sequential`` (a ResNet's downsample path), or the ``convN`` / ``bnN`` attribute pairs
-    that torchvision's ResNets and lcm's backbone apply as ``bnN(convN(x))``.
+    "Directly follows" means: two neighbours in an ``nn.Sequential`` (a ResNet's downsample
+    path), or a ``convN`` / ``bnN`` attribute pair. The second rule is a naming convention,
+    true of torchvision's ResNets and lcm's backbone (``bnN(convN(x))``) but not of every
+    model (a pre-activation block computes ``convN(bnN(x))``): use it on those only.
     The folded BatchNorm becomes ``nn.Identity``. ``model`` must be in eval mode.
     """
     if model.training:
