@@ -215,13 +215,6 @@ def report_model(
 
 
 # ------------------------------------------------------------------------------ train / eval
-def _mask_for(params: Any, mask: Path | None) -> Path | None:
-    if mask is not None or params.train.missing is None:
-        return mask
-    name = f"missing-{params.train.missing}.parquet"
-    return Path("data/masks") / params.data.name / "train" / name
-
-
 @app.command("train")
 def train(
     shards: Annotated[str, typer.Option(help="Train shard directory or glob.")],
@@ -244,81 +237,29 @@ def train(
     record_keys: Annotated[bool, typer.Option(hidden=True)] = False,
 ) -> None:
     """Train a model (LCM or a baseline, by params) on shards; checkpoints go to OUT."""
-    import os
-
-    from lcm.checkpoint import check_compatible
-    from lcm.config import load_params_with, to_dict
-    from lcm.data.shards import check_mask_matches, resolve_shards
-    from lcm.runtime import select_device
-
-    # Every input is checked here, before a Prefect server or a process group starts.
-    params = load_params_with(params_file, overrides)
-    paths, info = resolve_shards(shards)
-    val = None if no_val else val_shards
-    if val is not None:
-        resolve_shards(val)
-    mask = _mask_for(params, mask)
-    if mask is not None:
-        check_mask_matches(mask, paths, info)
-    if resume:
-        check_compatible(out_dir, params.model, tuple(info.classes))
-    select_device(params.train.device)
-    live = None if no_live else live_dir
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank: train directly
-        _train_rank(params, shards, val, out_dir, mask, resume, live, record_keys)
-        return
     from flows.train import train_flow
+    from lcm.config import load_params_with
+    from lcm.training import TrainRequest, check_request, mask_for
 
-    _quiet_flow_errors()
-    history = train_flow(
-        params=to_dict(params),
+    params = load_params_with(params_file, overrides)
+    request = TrainRequest(
+        params=params,
         train_shards=shards,
-        val_shards=val,
-        out_dir=str(out_dir),
-        mask=str(mask) if mask else None,
+        out_dir=out_dir,
+        val_shards=None if no_val else val_shards,
+        mask=mask_for(params, mask),
         resume=resume,
-        live_dir=str(live) if live else None,
+        live_dir=None if no_live else live_dir,
         nproc=nproc,
+        record_keys=record_keys,
     )
+    check_request(request)  # before a Prefect server or a process group starts
+    _quiet_flow_errors()
+    history = train_flow(request)
     if history:
         last = history[-1]
         shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val"))
         out.print(f"trained {out_dir}: {int(last['epoch'])} epochs; {shown}", highlight=False)
-
-
-def _train_rank(
-    params: Any,
-    shards: str,
-    val: str | None,
-    out_dir: Path,
-    mask: Path | None,
-    resume: bool,
-    live: Path | None,
-    record_keys: bool,
-) -> None:
-    import torch.distributed as tdist
-
-    from flows.train import run_fit
-    from lcm.runtime import dist_from_env, select_device
-
-    dist = dist_from_env()
-    device = select_device(params.train.device)
-    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        run_fit(
-            params,
-            shards,
-            val,
-            out_dir,
-            mask=mask,
-            resume=resume,
-            live_dir=live,
-            dist=dist,
-            record_keys=record_keys,
-        )
-    finally:
-        tdist.destroy_process_group()
 
 
 @app.command("evaluate")

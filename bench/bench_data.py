@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lcm.data.manifest import ImageRecord, write_manifest
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.timing import timed  # noqa: E402
+from lcm.data.manifest import ImageRecord, write_manifest  # noqa: E402
 
 NUM_CLASSES = 20
 
@@ -80,7 +83,7 @@ def bench_eval(root: Path, args: argparse.Namespace) -> dict[str, float]:
     times: dict[str, list[float]] = {"plain": [], "stream": [], "stream0": []}
     for _ in range(args.repeats):  # interleaved, so a burst of load on the machine hits both
         for name, fn in (("plain", plain), ("stream", stream), ("stream0", stream0)):
-            times[name].append(_timed(fn))
+            times[name].append(timed(fn))
     out = {name: args.eval_n / min(t) for name, t in times.items()}
     first = []
     for _ in range(args.repeats):
@@ -98,12 +101,6 @@ def bench_eval(root: Path, args: argparse.Namespace) -> dict[str, float]:
     ratios = [p / s for p, s in zip(times["plain"], times["stream"], strict=True)]
     out["ratio_median"] = float(np.median(ratios))
     return out
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def bench_shard_stage(root: Path, n: int, args: argparse.Namespace) -> dict[str, float]:

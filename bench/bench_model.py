@@ -19,41 +19,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from lcm.config import LossConfig, ModelConfig, TrainConfig
-from lcm.models import build_model
-from lcm.models.complexity import model_report
-from lcm.trainer import TensorBatch, build_trainer, train_step
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.timing import interleaved, spread  # noqa: E402
+from lcm.config import LossConfig, ModelConfig, TrainConfig  # noqa: E402
+from lcm.models import build_model  # noqa: E402
+from lcm.models.complexity import model_report  # noqa: E402
+from lcm.trainer import TensorBatch, build_trainer, train_step  # noqa: E402
 
 PAPER_MAC_RATIO = 35.8 / 31.5
-
-
-def interleaved(
-    contenders: dict[str, Callable[[], None]], warmup: int, repeats: int, device: torch.device
-):
-    """Median seconds per call for each contender, calls alternating between contenders."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}, times
 
 
 def bench_inference(cfg: ModelConfig, classes: int, size: int, batch: int, args) -> dict:
@@ -108,11 +88,6 @@ def bench_train_step(cfg: ModelConfig, classes: int, size: int, batch: int, args
         "ratio": medians["branch"] / medians["plain"],
         "spread": spread(raw),
     }
-
-
-def spread(raw: dict[str, list[float]]) -> str:
-    """Max/min of the repeats per contender: how noisy the machine was."""
-    return " ".join(f"{k}:{max(v) / min(v):.2f}" for k, v in raw.items())
 
 
 def main() -> None:

@@ -32,16 +32,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.timing import step_time  # noqa: E402
 from lcm.config import LossConfig, ModelConfig, Params, TrainConfig  # noqa: E402
 from lcm.data.coco import prepare_coco  # noqa: E402
 from lcm.data.manifest import read_manifest, write_manifest  # noqa: E402
 from lcm.data.shard_writer import write_shards  # noqa: E402
 from lcm.data.shards import eval_loader, resolve_shards  # noqa: E402
 from lcm.data.synthetic import generate_synthetic  # noqa: E402
-from lcm.engine import fit, step_time  # noqa: E402
+from lcm.engine import fit  # noqa: E402
 from lcm.inference import predict  # noqa: E402
 from lcm.metrics import evaluate_scores  # noqa: E402
 from lcm.runtime import select_device  # noqa: E402
+from lcm.training import TrainRequest  # noqa: E402
 
 log = logging.getLogger("compare")
 
@@ -99,7 +101,7 @@ def run_one(params: Params, train: Path, val: Path, out: Path, meta: dict) -> di
     )
     device = select_device(params.train.device)
     t0 = time.perf_counter()
-    result = fit(params, train, None, out)
+    result = fit(TrainRequest(params, str(train), out))
     seconds = time.perf_counter() - t0
 
     row = {"seconds": seconds, "epochs": params.train.epochs, "history": result.history}
@@ -249,8 +251,11 @@ def main() -> None:
         )
 
     # One step of each architecture, side by side: the exchange rate for "equal compute".
-    t_lcm = step_time(params_for("lcm", 0, 1), 6, device, len(data["meta"]["classes"]))
-    t_gap = step_time(params_for("gap", 0, 1), 6, device, len(data["meta"]["classes"]))
+    classes = len(data["meta"]["classes"])
+    t_lcm, t_gap = (
+        step_time(p.model, p.loss, p.train, classes, 6, device)
+        for p in (params_for("lcm", 0, 1), params_for("gap", 0, 1))
+    )
     ratio = t_lcm / t_gap
     log.info("training step: lcm %.4f s, gap %.4f s, ratio %.2f", t_lcm, t_gap, ratio)
 

@@ -27,7 +27,6 @@ does, so it cannot rot between GPU sessions).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -46,6 +45,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import peak_gib, reset_peak, sync  # noqa: E402
 from lcm import checkpoint as ckpt  # noqa: E402
 from lcm.config import LossConfig, ModelConfig, TrainConfig  # noqa: E402
 from lcm.data.manifest import ImageRecord, write_manifest  # noqa: E402
@@ -150,23 +150,6 @@ def make_shards(root: Path, size: Size, workers: int) -> tuple[Path, dict[str, A
 
 
 # ------------------------------------------------------------------------------- measuring
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> float:
-    sync(device)
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else 0
-
-
 def train_config(size: Size, device: torch.device, **switches: Any) -> TrainConfig:
     return TrainConfig(
         batch_size=switches.pop("batch_size", size.train_batch),

@@ -53,13 +53,20 @@ def build_deployments(
     from flows.evaluate import evaluate_flow
     from flows.predict import batch_predict_flow
     from flows.train import train_flow
-    from lcm.config import load_params, to_dict
+    from lcm.config import load_params
     from lcm.predict import PredictRequest, check_request
+    from lcm.training import TrainRequest
 
     schedule = check_schedule(cron, timezone)
     # The served inputs must be right now, not at 3 a.m.; the run id is a placeholder.
     check_request(PredictRequest(checkpoint=checkpoint, db=db, run_id="check", shards=shards))
     params = load_params(params_file)
+    train_request = TrainRequest(
+        params=params,
+        train_shards=f"data/shards/{params.data.name}/train",
+        out_dir=checkpoint,
+        val_shards=shards,
+    )
     return [
         batch_predict_flow.to_deployment(
             name=PREDICT,
@@ -70,8 +77,9 @@ def build_deployments(
         ),
         train_flow.to_deployment(
             name=TRAIN,
-            parameters={"params": to_dict(params), "out_dir": str(checkpoint)},
-            description="Train on demand: pass train_shards (and val_shards).",
+            parameters={"request": train_request.to_json()},
+            description="Train on demand: a TrainRequest; by default the params file's "
+            "train shards into the served checkpoint, validated on the served shards.",
         ),
         evaluate_flow.to_deployment(
             name=EVALUATE,

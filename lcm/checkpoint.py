@@ -2,8 +2,8 @@
 
 A model directory holds
 - ``model.json``: architecture, classes, image size, normalisation, the resolved params;
-- ``model.safetensors`` (raw weights) and ``ema.safetensors`` (EMA weights, when enabled):
-  safe to load from strangers;
+- ``model.safetensors`` (raw weights) and ``ema.safetensors`` (EMA weights; a placeholder
+  without tensors when ``train.ema_decay`` is null): safe to load from strangers;
 - ``state.pt``: optimizer, scheduler, EMA, AMP scaler, epoch/step and RNG states, loaded with
   ``weights_only=True``;
 - ``thresholds.json``: per-class thresholds calibrated by ``lcm evaluate`` (optional).
@@ -35,11 +35,13 @@ from safetensors.torch import load, save_file
 
 from lcm.config import ModelConfig, build_section
 from lcm.errors import CheckpointError
-from lcm.io import atomic_path, atomic_write_json
+from lcm.io import atomic_path, atomic_write_json, read_json
+from lcm.runtime import unwrap
 
 MODEL_JSON = "model.json"
 RAW_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
+NO_EMA = "lcm.no_ema"  # metadata key of the placeholder EMA file of a run without an EMA
 STATE_FILE = "state.pt"
 THRESHOLDS_FILE = "thresholds.json"
 FORMAT_VERSION = 1
@@ -79,8 +81,7 @@ def _atomic(path: Path, write: Any) -> None:
 
 def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     # DDP / torch.compile wrap the module; safetensors wants contiguous, unshared tensors.
-    inner = getattr(module, "module", module)
-    inner = getattr(inner, "_orig_mod", inner)
+    inner = unwrap(module)
     return {k: v.detach().cpu().contiguous().clone() for k, v in inner.state_dict().items()}
 
 
@@ -104,19 +105,18 @@ def save_weights(
     """Write the raw (and EMA) weights of :func:`plain_state` and model.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic(out_dir / RAW_WEIGHTS, lambda p: save_file(raw, str(p)))
-    if ema is not None:
-        _atomic(out_dir / EMA_WEIGHTS, lambda p: save_file(ema, str(p)))
+    # Without an EMA the file still exists (a pipeline declares it as an output), holding no
+    # tensors and a note that loading it refuses with; it also replaces a stale EMA file.
+    ema_meta = None if ema is not None else {NO_EMA: "train.ema_decay was null"}
+    _atomic(out_dir / EMA_WEIGHTS, lambda p: save_file(ema or {}, str(p), metadata=ema_meta))
     atomic_write_json(out_dir / MODEL_JSON, meta.to_json())
 
 
 def load_meta(model_dir: Path) -> ModelMeta:
     path = Path(model_dir) / MODEL_JSON
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path}: not found; is {model_dir} a model directory from `lcm train`?"
-        )
+    missing = f"not found; is {model_dir} a model directory from `lcm train`?"
+    raw = read_json(path, missing, CheckpointError)
     try:
-        raw = json.loads(path.read_text())
         model = build_section(ModelConfig, raw["model"], f"{path}:model")
         return ModelMeta(
             model=model,
@@ -126,7 +126,7 @@ def load_meta(model_dir: Path) -> ModelMeta:
             std=tuple(raw["std"]),
             extra={k: v for k, v in raw.items() if k not in _META_KEYS},
         )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed model description ({e!r})") from e
 
 
@@ -151,6 +151,11 @@ def load_weights(model: torch.nn.Module, model_dir: Path, which: str = "raw") ->
         state = load(data)
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if not state and NO_EMA in _safetensors_metadata(data):
+        raise CheckpointError(
+            f"{path}: this model was trained without an EMA (train.ema_decay: null); "
+            "use the raw weights"
+        )
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
@@ -158,6 +163,15 @@ def load_weights(model: torch.nn.Module, model_dir: Path, which: str = "raw") ->
             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
     return data
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (8-byte length, then JSON)."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        return dict(json.loads(data[8 : 8 + size]).get("__metadata__") or {})
+    except (ValueError, AttributeError):
+        return {}
 
 
 # ------------------------------------------------------------------------------- inference
@@ -252,12 +266,7 @@ def load_thresholds(path: Path, classes: Sequence[str]) -> np.ndarray:
     different set of classes than the model's.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: thresholds file not found") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read thresholds JSON ({e})") from e
+    data = read_json(path, "thresholds file not found", CheckpointError)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object mapping class name to threshold")
     missing = [c for c in classes if c not in data]

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,8 +29,9 @@ from lcm.inference import predict
 from lcm.io import atomic_write_json
 from lcm.metrics import evaluate_scores
 from lcm.progress import ProgressCallback
-from lcm.runtime import Dist, seed_everything, select_device
-from lcm.trainer import TensorBatch, TrainState, build_trainer, train_step, unwrap
+from lcm.runtime import Dist, seed_everything, select_device, unwrap
+from lcm.trainer import TrainState, build_trainer, train_step
+from lcm.training import TrainRequest, check_request
 
 log = logging.getLogger(__name__)
 
@@ -52,35 +52,23 @@ class FitResult:
 
 
 def fit(
-    params: Params,
-    train_shards: str | Path,
-    val_shards: str | Path | None,
-    out_dir: Path,
+    req: TrainRequest,
     *,
-    mask: Path | None = None,
-    resume: bool = False,
     on_epoch: EpochCallback | None = None,
     progress: ProgressCallback | None = None,
     dist: Dist | None = None,
-    record_keys: bool = False,
 ) -> FitResult:
-    """Train ``params.model`` on the shards; checkpoint into ``out_dir``; return the history."""
-    cfg = params.train
+    """Train ``req.params.model`` on ``req.train_shards``; checkpoint into ``req.out_dir``;
+    return the history. The request is checked first (:func:`lcm.training.check_request`)."""
+    check_request(req)
+    params, cfg, mask = req.params, req.params.train, req.mask
     dist = dist or Dist()
     device = select_device(cfg.device)
-    out_dir = Path(out_dir)
+    out_dir = Path(req.out_dir)
 
-    shard_paths, info = resolve_shards(train_shards)
+    shard_paths, info = resolve_shards(req.train_shards)
     classes = tuple(info.classes)
-    val = None
-    if val_shards is not None:
-        val = val_paths, val_info = resolve_shards(val_shards)
-        if tuple(val_info.classes) != classes:
-            raise ConfigError(
-                f"{val_shards}: the validation shards have other classes than {train_shards}"
-            )
-    if resume:
-        ckpt.check_compatible(out_dir, params.model, classes)
+    val = resolve_shards(req.val_shards) if req.val_shards is not None else None
 
     def make_train(epoch: int, skip: int) -> Any:
         return train_loader(
@@ -100,7 +88,7 @@ def fit(
     steps_per_epoch = len(make_train(0, 0))
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"{train_shards}: {info.total} samples give no full batch of {cfg.batch_size} "
+            f"{req.train_shards}: {info.total} samples give no full batch of {cfg.batch_size} "
             f"per rank ({dist.world_size} ranks); lower train.batch_size"
         )
     total_steps = steps_per_epoch * cfg.epochs
@@ -113,7 +101,7 @@ def fit(
 
     start_epoch, start_batch, step, history = 0, 0, 0, []
     running, n_loss = 0.0, 0  # this epoch's loss sum, carried through mid-epoch resumes
-    if resume:
+    if req.resume:
         saved = ckpt.load_state(out_dir)
         state.load_state_dict(saved)
         start_epoch, start_batch, step = saved["epoch"], saved["batch"], saved["step"]
@@ -174,7 +162,7 @@ def fit(
                     step += 1
                     running = running + loss.float()
                     n_loss += 1
-                    if record_keys:
+                    if req.record_keys:
                         seen.extend(batch.keys)
                     if progress and dist.main:
                         progress(step, total_steps)
@@ -186,7 +174,7 @@ def fit(
                     ):
                         save(epoch, done_in_epoch, float(running), n_loss)
             start_batch = 0
-            if record_keys:
+            if req.record_keys:
                 ranks = out_dir / "ranks"
                 ranks.mkdir(parents=True, exist_ok=True)
                 (ranks / f"epoch{epoch}-rank{dist.rank}.txt").write_text("\n".join(seen))
@@ -214,30 +202,6 @@ def fit(
         raise
     writer.close()
     return FitResult(out_dir=out_dir, epochs=cfg.epochs, steps=step, history=history)
-
-
-def step_time(params: Params, steps: int, device: torch.device, num_classes: int) -> float:
-    """Median seconds of a training step on random tensors already on the device: the cost of
-    the model alone, for equal-compute comparisons and the data-pipeline benchmark."""
-    import time
-
-    cfg = params.train
-    torch.manual_seed(0)
-    state = build_trainer(params.model, params.loss, cfg, num_classes, steps + 2, device)
-    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
-    targets = (torch.rand(cfg.batch_size, num_classes, device=device) < 0.2).float()
-    batch = TensorBatch(images, targets)
-    times = []
-    for i in range(steps + 2):  # two warm-up steps
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        train_step(state, batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def _iterate(loader: Any) -> Iterator[Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lcm.errors import DataError
+from lcm.errors import DataError, LcmError
 
 
 @contextmanager
@@ -45,6 +45,18 @@ def _umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o022
+
+
+def read_json(path: Path, missing: str = "not found", error: type[LcmError] = DataError) -> Any:
+    """Parse a JSON file or raise ``error`` naming it: ``missing`` says what to do when it
+    does not exist; unreadable bytes and bad JSON are reported as such."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -62,3 +62,9 @@ class Dist:
 
 def dist_from_env() -> Dist:
     return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DistributedDataParallel and ``torch.compile`` wrappers."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile

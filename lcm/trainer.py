@@ -27,18 +27,12 @@ from torch import Tensor, nn
 from lcm.config import LossConfig, ModelConfig, TrainConfig
 from lcm.models import build_model
 from lcm.models.losses import compute_loss
-from lcm.runtime import Dist, amp_dtype, autocast
+from lcm.runtime import Dist, amp_dtype, autocast, unwrap
 
 
 class _HasImagesTargets(Protocol):
     images: Tensor
     targets: Tensor
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under DistributedDataParallel and ``torch.compile`` wrappers."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 # ---------------------------------------------------------------------------------------- EMA

@@ -16,6 +16,7 @@ from lcm.config import load_params
 from lcm.data.shards import _scan_tar, eval_loader, resolve_shards
 from lcm.engine import fit
 from lcm.inference import predict
+from lcm.training import TrainRequest
 from tests._engine_fixtures import make_split, write_params
 
 
@@ -29,7 +30,7 @@ class Trained:
 def make_trained(root: Path) -> Trained:
     prepared, shards = make_split(root / "data", 32, seed=5, shard_size=8)
     params = load_params(write_params(root / "params.yaml", train={"epochs": 1}))
-    fit(params, shards, None, root / "model")
+    fit(TrainRequest(params, str(shards), root / "model"))
     return Trained(root / "model", shards, root / "data" / "images")
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,9 @@ import torch
 from lcm.checkpoint import load_for_inference, load_meta, load_state
 from lcm.config import load_params
 from lcm.engine import fit
+from lcm.errors import CheckpointError
 from lcm.trainer import Ema
+from lcm.training import TrainRequest
 from tests._engine_fixtures import cli_env, lcm_cmd, make_tiny_data, write_params
 
 
@@ -25,9 +26,13 @@ def data(tmp_path_factory):
     return make_tiny_data(tmp_path_factory.mktemp("engine-data"))
 
 
+def _request(params, data, out):
+    return TrainRequest(params, str(data.train), out, str(data.val))
+
+
 def test_fit_writes_checkpoint_and_reports_raw_and_ema(data, tmp_path):
     params = load_params(write_params(tmp_path / "params.yaml"))
-    result = fit(params, data.train, data.val, tmp_path / "model")
+    result = fit(_request(params, data, tmp_path / "model"))
     assert [row["epoch"] for row in result.history] == [1, 2]
     last = result.final
     # raw and EMA are both reported, under their own names; nothing picks the better one
@@ -47,10 +52,15 @@ def test_fit_writes_checkpoint_and_reports_raw_and_ema(data, tmp_path):
 
 def test_training_learns_the_tiny_task(data, tmp_path):
     params = load_params(write_params(tmp_path / "p.yaml", train={"epochs": 6, "ema_decay": None}))
-    result = fit(params, data.train, data.val, tmp_path / "model")
+    result = fit(_request(params, data, tmp_path / "model"))
     first, last = result.history[0], result.history[-1]
     assert last["train_loss"] < first["train_loss"]
     assert last["val_mAP"] > 0.7  # chance level is the label frequency, about 0.4
+    assert "val_ema_mAP" not in last
+    # no EMA: the file a pipeline declares exists, and loading it says why it cannot
+    assert (tmp_path / "model" / "ema.safetensors").is_file()
+    with pytest.raises(CheckpointError, match="without an EMA"):
+        load_for_inference(tmp_path / "model", "ema", torch.device("cpu"))
 
 
 def test_ema_tracks_weights():
@@ -77,7 +87,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 
 def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(data, tmp_path):
     params_file = write_params(tmp_path / "params.yaml", train={"checkpoint_every": 2})
-    reference = fit(load_params(params_file), data.train, data.val, tmp_path / "reference")
+    reference = fit(_request(load_params(params_file), data, tmp_path / "reference"))
 
     out = tmp_path / "killed"
     args = [
@@ -118,16 +128,13 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(data, tmp_path
     assert resumed == reference.history  # bit-for-bit the same metrics, every epoch
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_disjoint_equal_steps(data, tmp_path):
+    """`lcm train --nproc 2` goes through the Prefect flow, which starts two ranks of
+    `python -m lcm.train_rank` with torchrun."""
     params_file = write_params(tmp_path / "params.yaml", train={"epochs": 1})
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        lcm_cmd()[1],
+    cmd = lcm_cmd(
         "train",
         "--params",
         str(params_file),
@@ -139,10 +146,15 @@ def test_ddp_two_processes_disjoint_equal_steps(data, tmp_path):
         str(out),
         "--no-live",
         "--record-keys",
-    ]
+        "--nproc",
+        "2",
+    )
     env = {**cli_env(tmp_path), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "trained" in done.stdout  # the CLI got the history back from the flow
+    request = json.loads((out / "train_request.json").read_text())
+    assert request["nproc"] == 2 and request["record_keys"] is True
     keys = [(out / "ranks" / f"epoch0-rank{r}.txt").read_text().split() for r in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == (48 // (2 * 8)) * 8  # same number of steps
     assert not set(keys[0]) & set(keys[1])  # disjoint samples
@@ -168,12 +180,8 @@ def test_bad_input_fails_before_training_with_one_line(
     data, tmp_path, extra, params_extra, fragment
 ):
     if "--resume" in extra:  # a checkpoint of another architecture to resume from
-        fit(
-            load_params(write_params(tmp_path / "p0.yaml", train={"epochs": 1})),
-            data.train,
-            None,
-            tmp_path / "out",
-        )
+        params = load_params(write_params(tmp_path / "p0.yaml", train={"epochs": 1}))
+        fit(TrainRequest(params, str(data.train), tmp_path / "out"))
     if "MASK" in extra:  # a mask file whose keys do not match the shards
         from lcm.data.manifest import ImageRecord, write_manifest
         from lcm.data.masks import make_mask

@@ -17,6 +17,7 @@ from lcm.errors import CheckpointError
 from lcm.evaluate import EvaluateRequest, evaluate_checkpoint
 from lcm.inference import predict
 from lcm.metrics import evaluate_scores
+from lcm.training import TrainRequest
 from tests._engine_fixtures import CLASSES, make_split, make_tiny_data, write_params
 
 
@@ -25,7 +26,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     data = make_tiny_data(root / "data")
     params = load_params(write_params(root / "params.yaml", train={"epochs": 1}))
-    fit(params, data.train, None, root / "model")
+    fit(TrainRequest(params, str(data.train), root / "model"))
     return data, root / "model"
 
 

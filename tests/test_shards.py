@@ -16,7 +16,8 @@ from PIL import Image
 
 from lcm.data import shard_writer
 from lcm.data.manifest import ImageRecord, make_key, read_manifest, write_manifest
-from lcm.data.shard_writer import INFO_FILE, write_shards
+from lcm.data.shard_format import INFO_FILE
+from lcm.data.shard_writer import write_shards
 from lcm.data.shards import eval_loader, load_info, resolve_shards, train_loader
 from lcm.data.transforms import MEAN, STD, eval_transform, normalize
 from lcm.errors import ConfigError, DataError

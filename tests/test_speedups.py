@@ -20,6 +20,7 @@ from lcm.data.shards import eval_loader, train_loader
 from lcm.engine import fit
 from lcm.errors import DataError
 from lcm.trainer import Ema, TensorBatch, build_trainer, train_step
+from lcm.training import TrainRequest
 from tests._engine_fixtures import make_tiny_data, write_params
 from tests._predict_fixtures import corrupt_one_jpeg
 
@@ -176,7 +177,7 @@ def test_checkpoint_policy_resumes_exactly(data, tmp_path, monkeypatch, backgrou
             train={"checkpoint_every": 2, "checkpoint_async": background},
         )
     )
-    reference = fit(params, data.train, data.val, tmp_path / "reference")
+    reference = fit(TrainRequest(params, str(data.train), tmp_path / "reference", str(data.val)))
 
     # The background write of step 2's checkpoint waits until step 3 has changed the live
     # weights, so a snapshot that aliased them would be caught every time.
@@ -200,10 +201,10 @@ def test_checkpoint_policy_resumes_exactly(data, tmp_path, monkeypatch, backgrou
 
     out = tmp_path / "stopped"
     with pytest.raises(Stop):
-        fit(params, data.train, data.val, out, progress=stop_after)
+        fit(TrainRequest(params, str(data.train), out, str(data.val)), progress=stop_after)
     state = torch.load(out / "state.pt", weights_only=True)
     assert (state["epoch"], state["batch"], state["step"]) == (0, 2, 2)
-    resumed = fit(params, data.train, data.val, out, resume=True)
+    resumed = fit(TrainRequest(params, str(data.train), out, str(data.val), resume=True))
     assert resumed.history == reference.history
     ref = torch.load(tmp_path / "reference" / "state.pt", weights_only=True)
     got = torch.load(out / "state.pt", weights_only=True)

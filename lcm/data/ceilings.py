@@ -17,7 +17,6 @@ the scene, not name a class); it reads the JPEGs.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from lcm.data.manifest import resolve_image
 from lcm.errors import DataError
+from lcm.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +63,7 @@ class _Split:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"{path}: missing; generate the benchmark first (lcm data synth)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    return read_json(path, "missing; generate the benchmark first (lcm data synth)")
 
 
 def _load_meta(raw_root: Path) -> dict:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lcm.errors import DataError
-from lcm.io import atomic_path, atomic_write_bytes, read_parquet
+from lcm.io import atomic_path, atomic_write_bytes, read_json, read_parquet
 
 MANIFEST_FILE = "manifest.parquet"
 CLASSES_FILE = "classes.json"
@@ -169,10 +169,7 @@ def read_manifest(prepared_dir: Path) -> Manifest:
     for p in (mpath, cpath):
         if not p.is_file():
             raise DataError(f"{p}: not found; run `lcm data prepare` first")
-    try:
-        classes = json.loads(cpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{cpath}: not valid JSON ({e})") from e
+    classes = read_json(cpath)
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{cpath}: expected a JSON list of class names")
     return Manifest(tuple(classes), read_parquet(mpath, MANIFEST_SCHEMA, "file"))

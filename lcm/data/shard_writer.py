@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import tarfile
 import threading
-from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,96 +36,22 @@ from typing import IO, Any
 from PIL import Image, UnidentifiedImageError
 
 from lcm.data.manifest import MANIFEST_FILE, read_manifest, resolve_image
+from lcm.data.shard_format import (
+    INFO_FILE,
+    ShardEntry,
+    ShardInfo,
+    SkippedInput,
+    shard_name,
+)
 from lcm.errors import ConfigError, DataError
 from lcm.io import atomic_write_bytes
+from lcm.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
 
-INFO_FILE = "_info.json"
-INFO_FORMAT = 1
 JPEG_QUALITY = 90
 _CHUNKSIZE = 16  # records per Pool task: amortises IPC without holding many images
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
-@dataclass(frozen=True)
-class ShardEntry:
-    name: str  # file name inside the shard directory
-    count: int  # samples in it
-
-
-@dataclass(frozen=True)
-class SkippedInput:
-    key: str
-    path: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """The content of ``_info.json``. A reader given a subset of the shards (a glob) gets a
-    copy whose ``shards`` and ``total`` describe that subset."""
-
-    classes: tuple[str, ...]
-    shards: tuple[ShardEntry, ...]
-    total: int
-    skipped: tuple[SkippedInput, ...]
-    checksum: str  # "sha256:<hex>" over the bytes of all shard files, in order
-    max_side: int | None
-    shard_size: int
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def summary(self) -> str:
-        """One line: what was written and what was skipped, grouped by kind of reason."""
-        line = f"{self.total} images in {len(self.shards)} shards (max side {self.max_side})"
-        if not self.skipped:
-            return line + ", nothing skipped"
-        kinds = Counter(s.reason.split(":", 1)[0] for s in self.skipped)
-        detail = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
-        return f"{line}; skipped {len(self.skipped)} inputs ({detail}), listed in {INFO_FILE}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": INFO_FORMAT,
-            "classes": list(self.classes),
-            "shards": [{"name": e.name, "count": e.count} for e in self.shards],
-            "total": self.total,
-            "skipped": [{"key": s.key, "path": s.path, "reason": s.reason} for s in self.skipped],
-            "checksum": self.checksum,
-            "max_side": self.max_side,
-            "shard_size": self.shard_size,
-        }
-
-    @classmethod
-    def from_json(cls, doc: Any, source: Path) -> ShardInfo:
-        """Parse and check an ``_info.json`` document; ``source`` names it in errors."""
-        try:
-            if doc["format"] != INFO_FORMAT:
-                raise ValueError(f"format {doc['format']!r}, expected {INFO_FORMAT}")
-            info = cls(
-                classes=tuple(str(c) for c in doc["classes"]),
-                shards=tuple(ShardEntry(str(e["name"]), int(e["count"])) for e in doc["shards"]),
-                total=int(doc["total"]),
-                skipped=tuple(
-                    SkippedInput(str(s["key"]), str(s["path"]), str(s["reason"]))
-                    for s in doc["skipped"]
-                ),
-                checksum=str(doc["checksum"]),
-                max_side=None if doc["max_side"] is None else int(doc["max_side"]),
-                shard_size=int(doc["shard_size"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{source}: not a valid shard info file ({e!r})") from e
-        if info.total != sum(e.count for e in info.shards):
-            raise DataError(f"{source}: total {info.total} differs from the sum of shard counts")
-        return info
 
 
 @dataclass(frozen=True)
@@ -146,7 +71,7 @@ def write_shards(
     max_side: int | None = 128,
     shard_size: int = 1000,
     workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ShardInfo:
     """Write the shards of ``prepared`` (images under ``images``) into ``out``.
 

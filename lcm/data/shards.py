@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lcm.data.masks import LabelMask, read_mask
-from lcm.data.shard_writer import INFO_FILE, ShardInfo
+from lcm.data.shard_format import INFO_FILE, ShardInfo
 from lcm.data.transforms import (
     MEAN,
     STD,
@@ -58,6 +58,7 @@ from lcm.data.transforms import (
     train_transform,
 )
 from lcm.errors import ConfigError, DataError
+from lcm.io import read_json
 
 ShardSource = str | Path | tuple[Sequence[Path], ShardInfo]
 
@@ -87,12 +88,7 @@ class Batch(NamedTuple):
 
 def load_info(shard_dir: Path) -> ShardInfo:
     path = Path(shard_dir) / INFO_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run the shard stage (an interrupted run leaves none)")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+    doc = read_json(path, "not found; run the shard stage (an interrupted run leaves none)")
     return ShardInfo.from_json(doc, path)
 
 

@@ -27,7 +27,7 @@ import multiprocessing
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from lcm.errors import ConfigError, DataError
+from lcm.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
@@ -470,7 +471,7 @@ def _write_benchmark(
     size: int,
     seed: int,
     workers: int,
-    progress: Callable[[int, int], None] | None,
+    progress: ProgressCallback | None,
 ) -> SynthSummary:
     (root / "annotations").mkdir()
     total = sum(counts.values())
@@ -566,7 +567,7 @@ def generate_synthetic(
     n_val: int = 1000,
     size: int = 96,
     seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressCallback | None = None,
     workers: int = 1,
 ) -> SynthSummary:
     """Write the synthetic benchmark to ``out`` in COCO layout; byte-identical per arguments.

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from lcm import __version__, store
 from lcm import checkpoint as ckpt
-from lcm.data.shard_writer import ShardInfo
+from lcm.data.shard_format import ShardInfo
 from lcm.errors import CheckpointError, ConfigError
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
