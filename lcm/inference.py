@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lcm.data.shards import Batch
+from lcm.data.delivery import Batch
 from lcm.progress import ProgressCallback
 from lcm.runtime import autocast
 

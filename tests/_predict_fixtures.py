@@ -13,7 +13,8 @@ import torch
 
 from lcm.checkpoint import load_for_inference
 from lcm.config import load_params
-from lcm.data.shards import _scan_tar, eval_loader, resolve_shards
+from lcm.data.shards import eval_loader, resolve_shards
+from lcm.data.tar_index import scan_tar
 from lcm.engine import fit
 from lcm.inference import predict
 from lcm.training import TrainRequest
@@ -77,7 +78,7 @@ def corrupt_one_jpeg(shard_dir: Path, dest: Path, shard: str = "shard-000001.tar
     """Copy the shards and overwrite one JPEG's bytes inside a tar (headers intact)."""
     shutil.copytree(shard_dir, dest)
     tar = dest / shard
-    for name, offset, size in _scan_tar(tar):
+    for name, offset, size in scan_tar(tar):
         if name.endswith(".jpg"):
             with open(tar, "r+b") as f:
                 f.seek(offset)

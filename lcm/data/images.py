@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lcm.data.shards import BatchLoader
+from lcm.data.delivery import BatchLoader
 from lcm.data.transforms import MEAN, STD, decode_image_file, eval_transform
 from lcm.errors import DataError
 
