@@ -55,6 +55,7 @@ from lcm.engine import batch_delivery  # noqa: E402
 from lcm.inference import score_batches  # noqa: E402
 from lcm.models import build_model  # noqa: E402
 from lcm.models.fold import fold_batchnorm  # noqa: E402
+from lcm.resume import ResumeState  # noqa: E402
 from lcm.runtime import amp_dtype  # noqa: E402
 from lcm.trainer import TensorBatch, build_trainer, train_step  # noqa: E402
 
@@ -335,23 +336,23 @@ def checkpoint_timing(state: Any, root: Path) -> dict[str, Any]:
     out = root / "ckpt"
     meta = ckpt.ModelMeta(ModelConfig(), ("x",), 0, (0.0,) * 3, (1.0,) * 3, {})
 
-    def snapshot() -> tuple[Any, Any, Any]:
+    def snapshot() -> tuple[Any, Any, ResumeState]:
         raw = ckpt.plain_state(state.model)
         ema = ckpt.plain_state(state.ema.module) if state.ema else None
-        return raw, ema, state.state_dict()
+        return raw, ema, ResumeState.capture(state, epoch=1, batch=0, step=1)
 
     t0 = time.perf_counter()
     raw, ema, full = snapshot()
     ckpt.save_weights(out, raw, meta, ema)
-    ckpt.save_state(out, full)
+    full.save(out)
     foreground = time.perf_counter() - t0
     t0 = time.perf_counter()
     raw, ema, full = snapshot()
-    full = ckpt.to_cpu(full)
+    full = full.to_cpu()
     blocking = time.perf_counter() - t0
     t0 = time.perf_counter()
     ckpt.save_weights(out, raw, meta, ema)
-    ckpt.save_state(out, full)
+    full.save(out)
     background = time.perf_counter() - t0
     mb = sum(f.stat().st_size for f in out.iterdir()) / 1e6
     return {

@@ -4,8 +4,7 @@ A model directory holds
 - ``model.json``: architecture, classes, image size, normalisation, the resolved params;
 - ``model.safetensors`` (raw weights) and ``ema.safetensors`` (EMA weights; a placeholder
   without tensors when ``train.ema_decay`` is null): safe to load from strangers;
-- ``state.pt``: optimizer, scheduler, EMA, AMP scaler, epoch/step and RNG states, loaded with
-  ``weights_only=True``;
+- ``state.pt``: the state to resume training exactly (:mod:`lcm.resume` writes and reads it);
 - ``thresholds.json``: per-class thresholds calibrated by ``lcm evaluate`` (optional).
 
 For inference, :func:`load_for_inference` loads all of it at once (weights, meta, thresholds)
@@ -21,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +40,6 @@ MODEL_JSON = "model.json"
 RAW_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 NO_EMA = "lcm.no_ema"  # metadata key of the placeholder EMA file of a run without an EMA
-STATE_FILE = "state.pt"
 THRESHOLDS_FILE = "thresholds.json"
 FORMAT_VERSION = 1
 
@@ -315,68 +312,6 @@ def check_compatible(model_dir: Path, model: ModelConfig, classes: tuple[str, ..
             f"({len(meta.classes)} classes, first {list(meta.classes[:3])}; "
             f"the shards have {len(classes)}, first {list(classes[:3])})"
         )
-
-
-# --------------------------------------------------------------------------- training state
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(
-            np.frombuffer(json.dumps(_np_state_jsonable()).encode(), dtype=np.uint8).copy()
-        ),
-        "python": torch.from_numpy(
-            np.frombuffer(json.dumps(_py_state_jsonable()).encode(), dtype=np.uint8).copy()
-        ),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _np_state_jsonable() -> list[Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _py_state_jsonable() -> list[Any]:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = json.loads(bytes(state["numpy"].numpy()).decode())
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = json.loads(bytes(state["python"].numpy()).decode())
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_state(out_dir: Path, state: dict[str, Any]) -> None:
-    _atomic(out_dir / STATE_FILE, lambda p: torch.save(state, p))
-
-
-def load_state(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found; nothing to resume from")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises a zoo of types for corrupt or unsafe pickles
-        raise CheckpointError(f"{path}: cannot load training state ({e})") from e
-
-
-def to_cpu(obj: Any) -> Any:
-    """A deep copy of a (nested dict / list / tuple) state with every tensor cloned to the
-    CPU: a snapshot that training can go on mutating the originals of."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
 
 
 class CheckpointWriter:

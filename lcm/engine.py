@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from lcm.inference import predict
 from lcm.io import atomic_write_json
 from lcm.metrics import evaluate_scores
 from lcm.progress import ProgressCallback
+from lcm.resume import ResumeState
 from lcm.runtime import Dist, seed_everything, select_device, unwrap
 from lcm.trainer import TrainState, build_trainer, train_step
 from lcm.training import TrainRequest, check_request
@@ -102,12 +102,10 @@ def fit(
     start_epoch, start_batch, step, history = 0, 0, 0, []
     running, n_loss = 0.0, 0  # this epoch's loss sum, carried through mid-epoch resumes
     if req.resume:
-        saved = ckpt.load_state(out_dir)
-        state.load_state_dict(saved)
-        start_epoch, start_batch, step = saved["epoch"], saved["batch"], saved["step"]
-        running, n_loss = float(saved["loss_sum"]), int(saved["loss_count"])
-        history = [dict(zip(saved["history_keys"], row, strict=True)) for row in saved["history"]]
-        ckpt.set_rng_state(saved["rng"])
+        saved = ResumeState.load(out_dir)
+        saved.restore(state)
+        start_epoch, start_batch, step = saved.epoch, saved.batch, saved.step
+        running, n_loss, history = saved.loss_sum, saved.loss_count, saved.history
         log.info("resuming at epoch %d, batch %d (step %d)", start_epoch, start_batch, step)
 
     meta = ckpt.ModelMeta(
@@ -127,25 +125,22 @@ def fit(
         writer.wait()  # one snapshot in host memory at a time
         raw = ckpt.plain_state(model)
         ema_w = ckpt.plain_state(ema.module) if ema else None
-        keys = sorted({k for row in history for k in row})
-        snapshot = {
-            **state.state_dict(),
-            "epoch": epoch,
-            "batch": batch,
-            "step": step,
-            "rng": ckpt.rng_state(),
-            "history_keys": keys,
-            "loss_sum": loss_sum,
-            "loss_count": loss_count,
-            "history": [[float(row.get(k, math.nan)) for k in keys] for row in history],
-        }
+        snapshot = ResumeState.capture(
+            state,
+            epoch=epoch,
+            batch=batch,
+            step=step,
+            loss_sum=loss_sum,
+            loss_count=loss_count,
+            history=history,
+        )
         if cfg.checkpoint_async:
-            snapshot = ckpt.to_cpu(snapshot)
+            snapshot = snapshot.to_cpu()
         rows = [dict(row) for row in history] if batch == 0 else None
 
         def write() -> None:
             ckpt.save_weights(out_dir, raw, meta, ema_w)
-            ckpt.save_state(out_dir, snapshot)
+            snapshot.save(out_dir)
             if rows is not None:  # end of an epoch
                 atomic_write_json(out_dir / "history.json", rows)
 

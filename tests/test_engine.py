@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcm.checkpoint import load_for_inference, load_meta, load_state
+from lcm.checkpoint import load_for_inference, load_meta
 from lcm.config import load_params
 from lcm.engine import fit
 from lcm.errors import CheckpointError
+from lcm.resume import load_state
 from lcm.trainer import Ema
 from lcm.training import TrainRequest
 from tests._engine_fixtures import cli_env, lcm_cmd, make_tiny_data, write_params
