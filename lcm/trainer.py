@@ -18,11 +18,13 @@ changing results beyond float tolerance:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from lcm.config import LossConfig, ModelConfig, TrainConfig
 from lcm.models import build_model
@@ -99,10 +101,47 @@ class Ema:
 
 
 # ------------------------------------------------------------------------ optimiser, schedule
+def _adamw(groups: list[dict[str, Any]], cfg: TrainConfig, **kw: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, **kw)
+
+
+def _sgd(groups: list[dict[str, Any]], cfg: TrainConfig, **kw: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **kw)
+
+
+# train.optimizer -> factory(param groups, train config, fused=...)
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adamw": _adamw, "sgd": _sgd}
+
+
+def _onecycle(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> LRScheduler:
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
+
+
+def _cosine(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> LRScheduler:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+
+
+def _constant(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(opt, _one)
+
+
+def _one(_step: int) -> float:
+    return 1.0
+
+
+# train.scheduler -> factory(optimizer, train config, total steps); stepped once per step
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer, TrainConfig, int], LRScheduler]] = {
+    "onecycle": _onecycle,
+    "cosine": _cosine,
+    "constant": _constant,
+}
+
+
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, device: torch.device | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW or Nesterov SGD; no weight decay on biases, norms and embeddings."""
+    """``train.optimizer`` over two parameter groups: no weight decay on biases, norms and
+    embeddings (standard for Transformers)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -112,23 +151,12 @@ def build_optimizer(
         {"params": no_decay, "weight_decay": 0.0},
     ]
     fused = cfg.fused_optimizer and (device is None or device.type in ("cuda", "cpu"))
-    # fused=None lets PyTorch pick its default (foreach on CUDA); False would force the loop
-    kw: dict[str, Any] = {"fused": True} if fused else {}
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **kw)
-    return torch.optim.AdamW(groups, lr=cfg.lr, **kw)
+    # leaving fused out lets PyTorch pick its default (foreach on CUDA)
+    return OPTIMIZERS[cfg.optimizer](groups, cfg, **({"fused": True} if fused else {}))
 
 
-def build_scheduler(
-    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    if cfg.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=max(1, total_steps), pct_start=0.2
-        )
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> LRScheduler:
+    return SCHEDULERS[cfg.scheduler](opt, cfg, max(1, total_steps))
 
 
 # ------------------------------------------------------------------------------------- state
