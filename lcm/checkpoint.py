@@ -153,7 +153,13 @@ def load_weights(model: torch.nn.Module, model_dir: Path, which: str = "raw") ->
             f"{path}: this model was trained without an EMA (train.ema_decay: null); "
             "use the raw weights"
         )
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        first = str(e).split("size mismatch for ", 1)[-1].splitlines()[0]
+        raise CheckpointError(
+            f"{path}: weights do not fit the architecture in {MODEL_JSON} ({first})"
+        ) from e
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{path}: weights do not fit the architecture in {MODEL_JSON} "

@@ -86,6 +86,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(data, tmp_path):
     params_file = write_params(tmp_path / "params.yaml", train={"checkpoint_every": 2})
     reference = fit(_request(load_params(params_file), data, tmp_path / "reference"))
@@ -166,6 +167,7 @@ def test_ddp_two_processes_disjoint_equal_steps(data, tmp_path):
     assert model(torch.zeros(1, 3, 32, 32)).logits.shape == (1, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "params_extra", "fragment"),
     [

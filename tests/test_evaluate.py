@@ -96,6 +96,7 @@ def test_shards_with_other_classes_are_refused(trained, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_evaluate_flow_publishes_metrics(trained, tmp_path, prefect_harness):
     from flows.evaluate import evaluate_flow
 

@@ -22,6 +22,7 @@ def trained(tmp_path_factory):
     return make_trained(tmp_path_factory.mktemp("export"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["raw", "ema"])
 def test_onnx_scores_match_pytorch_at_any_batch(trained, tmp_path, weights):
     out = tmp_path / "model.onnx"
@@ -46,6 +47,7 @@ def test_onnx_scores_match_pytorch_at_any_batch(trained, tmp_path, weights):
         assert np.abs(got - expected).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_raw_and_ema_exports_differ(trained, tmp_path):
     export_onnx(trained.model, tmp_path / "raw.onnx", weights="raw")
     export_onnx(trained.model, tmp_path / "ema.onnx", weights="ema")
@@ -55,6 +57,7 @@ def test_raw_and_ema_exports_differ(trained, tmp_path):
     assert np.abs(raw - ema).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_a_failed_check_leaves_no_file(trained, tmp_path):
     out = tmp_path / "model.onnx"
     with pytest.raises(ExportError, match="disagree"):
@@ -62,6 +65,7 @@ def test_a_failed_check_leaves_no_file(trained, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_prints_the_differences_and_errors_are_one_line(trained, tmp_path):
     env = cli_env(tmp_path)
     out = tmp_path / "m.onnx"

@@ -78,6 +78,7 @@ def test_scores_labels_and_targets_match_the_model(trained, tmp_path):
     assert fetch(db, "SELECT count(*) FROM scored")[0][0] == N_IMAGES * C
 
 
+@pytest.mark.slow
 def test_rerun_is_a_noop_another_model_is_refused_and_replace_swaps(trained, tmp_path):
     db = tmp_path / "p.duckdb"
     run_flow(trained.model, db, "r", shards=str(trained.shards))
@@ -173,6 +174,7 @@ def test_sigkill_then_rerun_gives_every_row_once_bit_identical(trained, tmp_path
     assert fetch(db, "SELECT status, n_images FROM runs") == [("complete", N_IMAGES)]
 
 
+@pytest.mark.slow
 def test_corrupt_jpeg_is_skipped_here_but_fails_evaluate(trained, tmp_path):
     bad = tmp_path / "bad"
     key = corrupt_one_jpeg(trained.shards, bad)
@@ -204,6 +206,7 @@ def test_corrupt_jpeg_is_skipped_here_but_fails_evaluate(trained, tmp_path):
     assert len(lines) == 1 and key in lines[0] and "cannot decode" in lines[0], res.stderr
 
 
+@pytest.mark.slow
 def test_image_folder_skips_escapes_and_matches_lcm_predict(trained, tmp_path):
     root = tmp_path / "imgs"
     (root / "sub").mkdir(parents=True)
@@ -271,6 +274,7 @@ def test_dask_runner_gives_the_same_tables_from_two_worker_processes(trained, tm
     assert len(pids) == 2 and os.getpid() not in pids
 
 
+@pytest.mark.slow
 def test_inputs_are_checked_before_anything_starts(trained, tmp_path):
     def req(**kw):
         base = {

@@ -128,7 +128,7 @@ def test_save_thresholds_rejects_bad_input(tmp_path: Path) -> None:
     ("content", "match"),
     [
         (None, "not found"),
-        ("{not json", "cannot read"),
+        ("{not json", "not valid JSON"),
         ("[0.5, 0.5]", "JSON object"),
         ('{"a": 0.5}', "missing 'b'"),
         ('{"a": 0.5, "b": 0.5, "c": 0.1}', "unknown 'c'"),

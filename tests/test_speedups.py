@@ -167,6 +167,7 @@ def test_device_decode_skips_or_names_a_corrupt_jpeg_like_the_workers(data, tmp_
         list(eval_loader(shards, **strict, decode_on_device=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("background", [True, False])
 def test_checkpoint_policy_resumes_exactly(data, tmp_path, monkeypatch, background):
     """A run stopped right after a mid-epoch checkpoint was handed to the writer resumes to

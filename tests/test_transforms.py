@@ -1,0 +1,70 @@
+"""lcm/data/transforms.py: decoding, the presets and normalisation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lcm.data.transforms import (
+    MEAN,
+    STD,
+    decode_image,
+    decode_images,
+    eval_transform,
+    normalize,
+    train_transform,
+)
+from lcm.errors import ConfigError
+
+
+def _jpeg(mode: str = "RGB", size: tuple[int, int] = (40, 30), seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_decoding_gives_rgb_whatever_the_jpeg_and_the_batch_decoder_agrees():
+    gray = decode_image(_jpeg("L"))
+    assert gray.shape == (3, 30, 40) and gray.dtype == torch.uint8
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    data = [_jpeg(seed=s) for s in range(3)]
+    for one, many in zip(
+        (decode_image(d) for d in data), decode_images(data, torch.device("cpu")), strict=True
+    ):
+        assert torch.equal(one, many)
+    with pytest.raises(RuntimeError):
+        decode_image(data[0][: len(data[0]) // 2])
+    assert decode_images([], torch.device("cpu")) == []
+
+
+def test_normalize_is_the_imagenet_formula_into_a_given_buffer():
+    img = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    want = (img.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    out = torch.empty(2, 3, 4, 5)
+    assert normalize(img, out=out) is out
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match="positive stds"):
+        normalize(img, std=(0.2, 0.0, 0.2))
+
+
+def test_eval_preset_draws_nothing_and_train_flips_from_its_generator():
+    img = torch.arange(3 * 6 * 8, dtype=torch.uint8).view(3, 6, 8)
+    gen = torch.Generator().manual_seed(7)
+    before = gen.get_state()
+    out = eval_transform(8).pixels(img, gen)
+    assert torch.equal(gen.get_state(), before)  # eval never consumes the caller's stream
+    assert out.shape == (3, 8, 8)
+    always = train_transform(8, flip_p=1.0)
+    assert torch.equal(always.pixels(img, gen), out.flip(-1))
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    flips = [train_transform(8).draw_flip(a) for _ in range(20)]
+    assert flips == [train_transform(8).draw_flip(b) for _ in range(20)]
+    assert 0 < sum(flips) < 20
+    with pytest.raises(ConfigError, match="positive"):
+        eval_transform(0)
