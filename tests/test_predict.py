@@ -50,6 +50,7 @@ def api_env(tmp_path):
     return {**cli_env(tmp_path), "PREFECT_API_URL": PREFECT_API_URL.value()}
 
 
+@pytest.mark.slow
 def test_scores_labels_and_targets_match_the_model(trained, tmp_path):
     model = copy_model(trained, tmp_path / "model")
     thresholds = np.array([0.2, 0.4, 0.6, 0.8])
@@ -325,6 +326,7 @@ def test_inputs_are_checked_before_anything_starts(trained, tmp_path):
     assert not (tmp_path / "p.duckdb").exists()
 
 
+@pytest.mark.slow
 def test_aligned_eval_batches_never_span_shards_and_keep_their_scores(trained):
     from lcm.data.shards import eval_loader, resolve_shards
 
@@ -352,6 +354,7 @@ def test_aligned_eval_batches_never_span_shards_and_keep_their_scores(trained):
     )
 
 
+@pytest.mark.slow
 def test_a_run_replaced_meanwhile_is_not_merged_into_and_parts_need_equal_settings(
     trained, tmp_path
 ):
