@@ -41,6 +41,7 @@ from lcm.data.shards import eval_loader, resolve_shards  # noqa: E402
 from lcm.data.synthetic import generate_synthetic  # noqa: E402
 from lcm.engine import fit  # noqa: E402
 from lcm.inference import predict  # noqa: E402
+from lcm.io import atomic_write_json  # noqa: E402
 from lcm.metrics import evaluate_scores  # noqa: E402
 from lcm.runtime import select_device  # noqa: E402
 from lcm.training import TrainRequest  # noqa: E402
@@ -165,12 +166,6 @@ def write_table(args: argparse.Namespace, plan: list, runs: dict, ratio: float, 
 def say(msg: str) -> None:
     """Progress on stdout, unbuffered, so a call cut off by its time limit still shows it."""
     print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
-
-
-def _write_json(path: Path, value: object) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
 
 
 def _names(pending: list) -> list[str]:
@@ -339,10 +334,14 @@ def main() -> None:
                 f"(EMA {row['ema']['mAP']:.4f}) in {row['seconds']:.0f} s"
             )
             runs.setdefault(f"{setting}|{arch}", []).append(row)
-            _write_json(results, {"runs": runs, "skipped": skipped, "not_started": _names(pending)})
+            atomic_write_json(
+                results,
+                {"runs": runs, "skipped": skipped, "not_started": _names(pending)},
+                indent=1,
+            )
             write_table(args, plan, runs, ratio, device)
             submit_next()
-    _write_json(results, {"runs": runs, "skipped": skipped})
+    atomic_write_json(results, {"runs": runs, "skipped": skipped}, indent=1)
     if skipped:
         say(f"skipped for the budget: {', '.join(skipped)}")
     print(write_table(args, plan, runs, ratio, device))

@@ -27,7 +27,6 @@ does, so it cannot rot between GPU sessions).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from lcm.data.shard_writer import write_shards  # noqa: E402
 from lcm.data.shards import eval_loader, resolve_shards, train_loader  # noqa: E402
 from lcm.engine import batch_delivery  # noqa: E402
 from lcm.inference import score_batches  # noqa: E402
+from lcm.io import atomic_write_json  # noqa: E402
 from lcm.models import build_model  # noqa: E402
 from lcm.models.fold import fold_batchnorm  # noqa: E402
 from lcm.resume import ResumeState  # noqa: E402
@@ -105,9 +105,7 @@ class Report:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
+        atomic_write_json(self.path, self.data)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -169,6 +167,21 @@ def model_config(size: Size, arch: str) -> ModelConfig:
     return ModelConfig(arch=arch, backbone=size.backbone, dim=size.dim, ffn=size.ffn)
 
 
+def _train_stream(
+    shards: Any, size: Size, cfg: TrainConfig, device: torch.device, workers: int, epoch: int
+) -> Any:
+    """The training shard stream as `lcm train` builds it for this config and device."""
+    return train_loader(
+        shards,
+        batch_size=cfg.batch_size,
+        image_size=size.image_size,
+        seed=0,
+        epoch=epoch,
+        num_workers=workers,
+        **batch_delivery(cfg, device),
+    )
+
+
 def measure_train(
     shards: Any,
     size: Size,
@@ -186,15 +199,7 @@ def measure_train(
     state = build_trainer(
         model_config(size, arch), LossConfig(beta=beta), cfg, NUM_CLASSES, total, device
     )
-    loader = train_loader(
-        shards,
-        batch_size=cfg.batch_size,
-        image_size=size.image_size,
-        seed=0,
-        epoch=0,
-        num_workers=workers,
-        **batch_delivery(cfg, device),
-    )
+    loader = _train_stream(shards, size, cfg, device, workers, epoch=0)
     if len(loader) < total:
         raise SystemExit(f"{len(loader)} batches per epoch; need {total}")
     it = iter(loader)
@@ -229,15 +234,7 @@ def measure_stream(
     shards: Any, size: Size, cfg: TrainConfig, device: torch.device, workers: int
 ) -> float:
     """Images/s of the training shard stream alone (no model)."""
-    loader = train_loader(
-        shards,
-        batch_size=cfg.batch_size,
-        image_size=size.image_size,
-        seed=0,
-        epoch=1,
-        num_workers=workers,
-        **batch_delivery(cfg, device),
-    )
+    loader = _train_stream(shards, size, cfg, device, workers, epoch=1)
     it = iter(loader)
     for _ in range(size.warm_steps):
         next(it)
