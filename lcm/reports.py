@@ -125,7 +125,7 @@ def _pr_plot_png(result: EvalResult, scores: np.ndarray, targets: np.ndarray) ->
     )
     ax.grid(True, alpha=0.3)
     if ax.lines:
-        ax.legend(loc="lower left", fontsize=9)
+        ax.legend(loc="best", fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
