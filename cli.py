@@ -3,6 +3,9 @@
 Every user-caused problem arrives here as an `LcmError` and leaves as one line on stderr
 with exit status 1. Heavy imports (torch, prefect) happen inside the commands so that
 `lcm --help` stays fast.
+
+One file for every command (longer than the other modules): each command is a screen of
+option parsing over a call into `lcm/` or `flows/`, and `lcm --help` maps to this file.
 """
 
 from __future__ import annotations
@@ -133,13 +136,39 @@ def data_ceilings(
 
 @prepare_app.command("coco")
 def prepare_coco(
-    annotations: Annotated[Path, typer.Option(help="instances_*.json")],
-    images: Annotated[Path, typer.Option(help="Image root the file names are relative to.")],
     out_dir: Annotated[Path, typer.Option("--out")],
+    root: Annotated[
+        Path | None, typer.Option(help="COCO root: annotations/instances_<split>.json, images/.")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="With --root: train, val, train2017 ...")
+    ] = None,
+    annotations: Annotated[
+        Path | None, typer.Option(help="instances_*.json (not with --root).")
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Image directory the file names are relative to [default: root/images/split]."
+        ),
+    ] = None,
 ) -> None:
-    """COCO annotations -> manifest (class index = rank of the category id)."""
-    from lcm.data.coco import prepare_coco as run
+    """COCO annotations -> manifest (class index = rank of the category id).
 
+    Give --root and --split, or --annotations and --images."""
+    from lcm.data.coco import coco_split
+    from lcm.data.coco import prepare_coco as run
+    from lcm.errors import ConfigError
+
+    if (root is None) == (annotations is None):
+        raise ConfigError("lcm data prepare coco: give --root and --split, or --annotations")
+    if root is not None:
+        if split is None:
+            raise ConfigError("lcm data prepare coco: --root needs --split")
+        annotations, split_images = coco_split(root, split)
+        images = images or split_images
+    elif images is None:
+        raise ConfigError("lcm data prepare coco: --annotations needs --images")
     out.print(run(annotations, images, out_dir).summary(), highlight=False)
 
 
@@ -148,11 +177,14 @@ def prepare_voc(
     root: Annotated[Path, typer.Option(help="VOCdevkit/VOC2007 (or VOC2012).")],
     split: Annotated[str, typer.Option(help="ImageSets/Main/<split>.txt")] = "trainval",
     out_dir: Annotated[Path, typer.Option("--out")] = Path("data/prepared/voc"),
+    images: Annotated[
+        Path | None, typer.Option(help="Image directory [default: root/JPEGImages].")
+    ] = None,
 ) -> None:
     """VOC XML annotations -> manifest (difficult-only classes are unknown)."""
     from lcm.data.voc import prepare_voc as run
 
-    out.print(run(root, split, out_dir).summary(), highlight=False)
+    out.print(run(root, split, out_dir, images).summary(), highlight=False)
 
 
 @data_app.command("shard")
@@ -183,14 +215,18 @@ def data_shard(
 @data_app.command("mask")
 def data_mask(
     prepared: Annotated[Path, typer.Option(help="Train split's prepared directory.")],
-    missing: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of targets hidden.")],
-    out_file: Annotated[Path, typer.Option("--out")],
+    missing: Annotated[
+        list[float],
+        typer.Option(min=0.0, max=1.0, help="Share of targets hidden; repeat for several."),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory: missing-<m>.parquet each.")],
     seed: int = 0,
 ) -> None:
     """Hide a share of the training targets (partial-label protocol, SPEC section 4)."""
-    from lcm.data.masks import make_mask
+    from lcm.data.masks import make_masks
 
-    out.print(make_mask(prepared, missing, seed, out_file).summary(), highlight=False)
+    for report in make_masks(prepared, missing, seed, out_dir):
+        out.print(report.summary(), highlight=False)
 
 
 # ------------------------------------------------------------------------------------ reports
@@ -227,8 +263,10 @@ def train(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a param: SECTION.KEY=VALUE.")
     ] = None,
-    mask: Annotated[
-        Path | None, typer.Option(help="Partial-label mask (default: from train.missing).")
+    mask: Annotated[Path | None, typer.Option(help="Partial-label mask file.")] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(help="Mask directory of `lcm data mask`; train.missing picks the file."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's last checkpoint.")] = False,
     nproc: Annotated[int, typer.Option(min=1, help="DDP processes (launches torchrun).")] = 1,
@@ -247,7 +285,7 @@ def train(
         train_shards=shards,
         out_dir=out_dir,
         val_shards=None if no_val else val_shards,
-        mask=mask_for(params, mask),
+        mask=mask_for(params, mask, masks),
         resume=resume,
         live_dir=None if no_live else live_dir,
         nproc=nproc,

@@ -11,6 +11,9 @@ separately, never the better of the two) and mean AP of the look-alike and tiny 
 
     python bench/compare_models.py --out bench/results/compare        # full study (GPU: minutes)
     python bench/compare_models.py --quick --out /tmp/compare-quick   # smoke run on a CPU
+
+One script (a little over 300 lines) because the settings, the job scheduling and the table
+are read together when checking how a README figure was made.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import step_time  # noqa: E402
+from bench.timing import progress, step_time  # noqa: E402
 from lcm.config import LossConfig, ModelConfig, Params, TrainConfig  # noqa: E402
 from lcm.data.coco import prepare_coco  # noqa: E402
 from lcm.data.manifest import read_manifest, write_manifest  # noqa: E402
@@ -163,11 +166,6 @@ def write_table(args: argparse.Namespace, plan: list, runs: dict, ratio: float, 
     return table
 
 
-def say(msg: str) -> None:
-    """Progress on stdout, unbuffered, so a call cut off by its time limit still shows it."""
-    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
-
-
 def _names(pending: list) -> list[str]:
     return [f"{s.replace(' ', '-')}-{a}-s{seed}" for _, (a, s, _, _, seed) in pending]
 
@@ -291,7 +289,9 @@ def main() -> None:
         return 1.3 * epochs * (sizes[train] // args.batch_size) * step_s[arch]
 
     total = sum(estimate(a, t, e) for a, _, t, e, _ in jobs) / args.jobs
-    say(f"{len(jobs)} runs, about {total:.0f} s at {args.jobs} at a time on {_device_name(device)}")
+    progress(
+        f"{len(jobs)} runs, about {total:.0f} s at {args.jobs} at a time on {_device_name(device)}"
+    )
     results = args.out / "runs.json"
     skipped: list[str] = []
     ctx = multiprocessing.get_context("spawn")
@@ -307,9 +307,9 @@ def main() -> None:
                 left = args.budget - (time.perf_counter() - started) if args.budget else None
                 if left is not None and est > left:
                     skipped.append(name)
-                    say(f"[{i}/{len(jobs)}] skip {name}: ~{est:.0f} s > {left:.0f} s left")
+                    progress(f"[{i}/{len(jobs)}] skip {name}: ~{est:.0f} s > {left:.0f} s left")
                     continue
-                say(f"[{i}/{len(jobs)}] start {name} ({epochs} epochs, ~{est:.0f} s)")
+                progress(f"[{i}/{len(jobs)}] start {name} ({epochs} epochs, ~{est:.0f} s)")
                 fut = pool.submit(
                     run_one,
                     params_for(arch, seed, epochs),
@@ -329,7 +329,7 @@ def main() -> None:
             if args.jobs == 1:  # with several at once the wall time includes waiting
                 observed.append((time.perf_counter() - t_submit) / max(raw, 1e-3))
             row.update(arch=arch, setting=setting, seed=seed)
-            say(
+            progress(
                 f"[{i}/{len(jobs)}] done {name}: mAP {row['raw']['mAP']:.4f} "
                 f"(EMA {row['ema']['mAP']:.4f}) in {row['seconds']:.0f} s"
             )
@@ -343,7 +343,7 @@ def main() -> None:
             submit_next()
     atomic_write_json(results, {"runs": runs, "skipped": skipped}, indent=1)
     if skipped:
-        say(f"skipped for the budget: {', '.join(skipped)}")
+        progress(f"skipped for the budget: {', '.join(skipped)}")
     print(write_table(args, plan, runs, ratio, device))
 
 

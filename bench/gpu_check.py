@@ -22,6 +22,9 @@ Peak GPU memory comes with every figure. Every step logs as it goes and rewrites
 a run cut off by its time limit still returns what finished; ``--budget`` skips what would
 not fit. ``--device cpu --smoke`` runs the whole script at toy size on a CPU (the test suite
 does, so it cannot rot between GPU sessions).
+
+It is one long file on purpose: the whole check must travel to a lent GPU machine and run in
+one call, so every step and its reporting live here, on top of bench/timing.py.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.timing import peak_gib, reset_peak, sync  # noqa: E402
+from bench.timing import START, peak_gib, progress, reset_peak, sync  # noqa: E402
 from lcm import checkpoint as ckpt  # noqa: E402
 from lcm.config import LossConfig, ModelConfig, TrainConfig  # noqa: E402
 from lcm.data.manifest import ImageRecord, write_manifest  # noqa: E402
@@ -68,7 +71,6 @@ SPEEDUPS = (
     "gpu_decode",
     "checkpoint_async",
 )
-T0 = time.perf_counter()
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,6 @@ class Size:
 
 FULL = Size("resnet101", 448, 64, 128, 6144, (640, 480), 8, 30, 1024, 2048)
 SMOKE = Size("resnet18", 64, 8, 16, 96, (80, 60), 2, 4, 32, 64)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
 
 
 class Report:
@@ -441,15 +439,15 @@ def main() -> None:
             "complete": False,
         },
     )
-    log(f"{report.data['device']}, torch {torch.__version__}, {cores} cores")
+    progress(f"{report.data['device']}, torch {torch.__version__}, {cores} cores")
 
     def left() -> float:
-        return args.budget - (time.perf_counter() - T0)
+        return args.budget - (time.perf_counter() - START)
 
     def attempt(section: str, name: str, fn: Any, need: float = 20) -> Any:
         """Run one measurement; record and log its result, or its error, and go on."""
         if left() < need:
-            log(f"skipped {section} / {name}: out of budget")
+            progress(f"skipped {section} / {name}: out of budget")
             report.data.setdefault("skipped", []).append(f"{section} / {name}")
             report.save()
             return None
@@ -458,10 +456,10 @@ def main() -> None:
         except Exception as e:  # one failed measurement must not lose the others
             report.data["errors"][f"{section} / {name}"] = traceback.format_exc(limit=6)
             report.save()
-            log(f"FAILED {section} / {name}: {e!r}")
+            progress(f"FAILED {section} / {name}: {e!r}")
             return None
         report.put(section, name, res)
-        log(f"{section} / {name}: {res}")
+        progress(f"{section} / {name}: {res}")
         return res
 
     def workers_for(cfg: TrainConfig) -> int:
@@ -479,7 +477,7 @@ def main() -> None:
         shards_dir, data = make_shards(root, size, workers=cores)
         shards = resolve_shards(shards_dir)
         report.put("data", "shards", data)
-        log(f"shards: {data}")
+        progress(f"shards: {data}")
 
         on = train_config(size, device, **{k: True for k in SPEEDUPS})
         off = train_config(size, device, **{k: False for k in SPEEDUPS})
@@ -545,14 +543,14 @@ def main() -> None:
             predictions()
             report.data["complete"] = True
             report.save()
-            log(f"done (predict only) -> {args.out}")
+            progress(f"done (predict only) -> {args.out}")
             return
 
         # 1. the headline: every speed-up on, real shard stream; and the checkpoint cost
         def headline() -> dict[str, Any]:
             res, state = measure_train(shards, size, "lcm", on, device, workers_for(on))
             report.put("checkpoint", "lcm", checkpoint_timing(state, root))
-            log(f"checkpoint: {report.data['checkpoint']['lcm']}")
+            progress(f"checkpoint: {report.data['checkpoint']['lcm']}")
             return res
 
         lcm = attempt("train", "lcm, all speed-ups", headline)
@@ -621,9 +619,9 @@ def main() -> None:
                 need=120,
             )
     report.data["complete"] = True
-    report.data["wall_s"] = round(time.perf_counter() - T0, 1)
+    report.data["wall_s"] = round(time.perf_counter() - START, 1)
     report.save()
-    log(f"done -> {args.out}")
+    progress(f"done -> {args.out}")
 
 
 if __name__ == "__main__":

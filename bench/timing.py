@@ -18,6 +18,14 @@ import torch
 from lcm.config import LossConfig, ModelConfig, TrainConfig
 from lcm.trainer import TensorBatch, build_trainer, train_step
 
+START = time.perf_counter()  # when the benchmark script imported this module
+
+
+def progress(msg: str) -> None:
+    """A progress line on stdout, flushed at once so a run cut off by its time limit still
+    shows it, stamped with the seconds since the script started."""
+    print(f"[{time.perf_counter() - START:7.1f}s] {msg}", flush=True)
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

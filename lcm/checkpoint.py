@@ -12,6 +12,9 @@ and :func:`model_digest` names exactly which weights produced a set of scores.
 
 Every file is written to a temporary name and renamed, so a run killed while saving leaves the
 previous checkpoint intact.
+
+Writers and readers of the model directory stay together (a module longer than most) so the
+format is defined in one place.
 """
 
 from __future__ import annotations
@@ -76,8 +79,9 @@ def _atomic(path: Path, write: Any) -> None:
         write(tmp)
 
 
-def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # DDP / torch.compile wrap the module; safetensors wants contiguous, unshared tensors.
+def plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``module``'s weights, as safetensors stores them (contiguous, unshared;
+    the DDP / torch.compile wrapper taken off)."""
     inner = unwrap(module)
     return {k: v.detach().cpu().contiguous().clone() for k, v in inner.state_dict().items()}
 
@@ -85,12 +89,7 @@ def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_model(
     out_dir: Path, model: torch.nn.Module, meta: ModelMeta, ema: torch.nn.Module | None
 ) -> None:
-    save_weights(out_dir, _plain_state(model), meta, _plain_state(ema) if ema else None)
-
-
-def plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of ``module``'s weights, as safetensors stores them."""
-    return _plain_state(module)
+    save_weights(out_dir, plain_state(model), meta, plain_state(ema) if ema else None)
 
 
 def save_weights(

@@ -19,12 +19,29 @@ from lcm.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class SplitConfig:
+    """One split of the raw dataset: the dataset's own split name and its image directory."""
+
+    name: str  # COCO: annotations/instances_<name>.json; VOC: ImageSets/Main/<name>.txt
+    images: str  # relative to data.raw (COCO: images/<name>; VOC: JPEGImages)
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The pipeline's two splits (stage names prepare@train, shard@val, ...)."""
+
+    train: SplitConfig = SplitConfig("train", "images/train")
+    val: SplitConfig = SplitConfig("val", "images/val")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    """Where the raw COCO-layout data lives (the synthetic benchmark by default)."""
+    """Where the raw data lives and in which layout (the synthetic benchmark by default)."""
 
     name: str = "synth"  # names the folders under data/prepared, data/shards, data/masks
-    # A COCO-layout root: images/{train,val}/ and annotations/instances_{train,val}.json.
-    raw: str = "data/raw/synth"
+    format: Literal["coco", "voc"] = "coco"
+    raw: str = "data/raw/synth"  # COCO root (annotations/, images/) or VOCdevkit/VOC2007
+    splits: DataSplits = field(default_factory=DataSplits)
 
 
 @dataclass(frozen=True)
@@ -194,6 +211,14 @@ def build_section(cls: type, raw: Any, where: str) -> Any:
         raise ConfigError(
             f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})"
         )
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    absent = [name for name in required if name not in raw]
+    if absent:
+        raise ConfigError(f"{where}: missing key {absent[0]!r} (required: {', '.join(required)})")
     kwargs = {}
     for key, value in raw.items():
         tp = hints[key]

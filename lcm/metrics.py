@@ -15,6 +15,9 @@ Conventions where the literature leaves a choice:
   image's k highest scores *and* reaches its threshold. The k slots are taken over all classes
   (ties go to the lower class index), so a slot that lands on an unknown entry is not counted
   rather than handed to the next class.
+
+All metrics stay in one module (longer than most) so that these conventions are written, and
+can be checked against each other, in one place.
 """
 
 from __future__ import annotations

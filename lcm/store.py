@@ -13,6 +13,10 @@ Write protocol (what makes a run exact and resumable):
 loading 3-5x slower, the file 5x bigger and replacing a shard ~20x slower. Uniqueness comes
 from step 2 and is tested.
 
+The module is longer than most because the schema, the write protocol and the read-side
+checks are one contract: each step above relies on the others, and reading them apart would
+hide that.
+
 DuckDB lets one process open a file at a time (a reader blocks a writer too), so the writer
 connects only while it writes and retries on the lock error for up to ``lock_timeout``
 seconds, then fails with one line that names the process holding the file.

@@ -69,14 +69,19 @@ class TrainRequest:
             raise ConfigError(f"{where}: not a training request ({e!r})") from e
 
 
-def mask_for(params: Params, mask: Path | None) -> Path | None:
-    """The mask to train with: the given one, else the mask stage's file for
-    ``train.missing`` (``data/masks/<data.name>/train/missing-<m>.parquet``), else none."""
+def mask_for(params: Params, mask: Path | None, masks_dir: Path | None) -> Path | None:
+    """The mask to train with: the given file, else ``train.missing``'s file in the mask
+    directory (``lcm data mask --out DIR``), else none (full labels)."""
+    from lcm.data.masks import mask_file
+
     if mask is not None or params.train.missing is None:
         return mask
-    return (
-        Path("data/masks") / params.data.name / "train" / f"missing-{params.train.missing}.parquet"
-    )
+    if masks_dir is None:
+        raise ConfigError(
+            f"train.missing={params.train.missing} needs the masks: pass --masks DIR (the "
+            "directory `lcm data mask` wrote) or --mask FILE"
+        )
+    return mask_file(masks_dir, params.train.missing)
 
 
 def check_request(req: TrainRequest) -> None:

@@ -85,8 +85,11 @@ def make_tiny_data(root: Path) -> TinyData:
     return TinyData(train=train, val=val, prepared_train=prepared)
 
 
-def write_params(path: Path, **sections: dict) -> Path:
-    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
+def write_params(path: Path, base: dict | None = None, **sections: dict) -> Path:
+    """TINY_PARAMS over ``base`` (default: nothing), then ``sections`` over that."""
+    params = {k: dict(v) for k, v in (base or {}).items()}
+    for section, values in TINY_PARAMS.items():
+        params[section] = {**params.get(section, {}), **values}
     for section, values in sections.items():
         params[section] = {**params.get(section, {}), **values}
     path.write_text(yaml.safe_dump(params))

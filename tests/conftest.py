@@ -1,10 +1,31 @@
-"""Shared fixtures. Prefect runs against one temporary server for the whole session."""
+"""Shared fixtures: the tiny datasets and the trained model several test modules use (built
+once per session), and one temporary Prefect server for every flow test.
+
+The builders behind them live in tests/_*_fixtures.py, imported as ``tests._..._fixtures``.
+"""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+from tests._engine_fixtures import TinyData, make_tiny_data
+from tests._predict_fixtures import Trained, make_trained
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> TinyData:
+    """Train (48 images, 3 shards) and val (24 images) shards of four colour-blob classes.
+    Read-only: a test that damages data does so on a copy."""
+    return make_tiny_data(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+    """A model trained one epoch on 32 images, with its 4 shards and source JPEGs. Read-only:
+    tests that change a model directory copy it first (``copy_model``)."""
+    return make_trained(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ def test_data_stages_chain(tmp_path):
     info = json.loads((shards / "_info.json").read_text())
     assert info["total"] == 4 and [s["count"] for s in info["shards"]] == [3, 1]
 
-    mask = tmp_path / "mask.parquet"
+    masks = tmp_path / "masks"
     done = run(
         tmp_path,
         "data",
@@ -76,13 +76,38 @@ def test_data_stages_chain(tmp_path):
         str(prepared),
         "--missing",
         "0.5",
+        "--missing",
+        "0.25",
         "--seed",
         "1",
         "--out",
-        str(mask),
+        str(masks),
     )
     assert done.returncode == 0, done.stderr
-    assert "realised" in done.stdout and mask.exists()
+    assert done.stdout.count("realised") == 2
+    assert sorted(p.name for p in masks.iterdir()) == [
+        "missing-0.25.parquet",
+        "missing-0.5.parquet",
+    ]
+
+
+def test_prepare_coco_from_the_root_and_split_name(tmp_path):
+    """--root R --split S reads R/annotations/instances_S.json and R/images/S/."""
+    ann, images, _ = write_coco(tmp_path / "flat", coco_doc())
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    ann.rename(root / "annotations" / "instances_val2017.json")
+    (root / "images").mkdir()
+    images.rename(root / "images" / "val2017")
+    done = run(tmp_path, "data", "prepare", "coco", "--root", str(root), "--split", "val2017",
+               "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "prepared 4 images, 4 classes" in done.stdout
+    line = one_error_line(run(tmp_path, "data", "prepare", "coco", "--root", str(root),
+                              "--split", "../val2017", "--out", str(tmp_path / "o2")))  # fmt: skip
+    assert "invalid split name" in line and not (tmp_path / "o2").exists()
+    line = one_error_line(run(tmp_path, "data", "prepare", "coco", "--out", str(tmp_path / "o3")))
+    assert "give --root and --split, or --annotations" in line
 
 
 @pytest.mark.parametrize(

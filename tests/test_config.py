@@ -30,6 +30,8 @@ def test_missing_file_gives_defaults(tmp_path):
         ("mask:\n  missing: 0.5\n", "mask.missing: expected a list"),
         ("train: 3\n", "train: expected a mapping"),
         ("train: [\n", "not valid YAML"),
+        ("data:\n  format: yolo\n", "data.format: 'yolo' is not one of"),
+        ("data:\n  splits:\n    val: {name: test}\n", "data.splits.val: missing key 'images'"),
     ],
 )
 def test_bad_params_name_file_and_key(tmp_path, text, fragment):

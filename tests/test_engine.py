@@ -22,21 +22,16 @@ from lcm.metrics import evaluate_scores
 from lcm.resume import load_state
 from lcm.trainer import Ema
 from lcm.training import TrainRequest
-from tests._engine_fixtures import CLASSES, cli_env, lcm_cmd, make_tiny_data, write_params
+from tests._engine_fixtures import CLASSES, cli_env, lcm_cmd, write_params
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_tiny_data(tmp_path_factory.mktemp("engine-data"))
+def _request(params, tiny_data, out):
+    return TrainRequest(params, str(tiny_data.train), out, str(tiny_data.val))
 
 
-def _request(params, data, out):
-    return TrainRequest(params, str(data.train), out, str(data.val))
-
-
-def test_fit_writes_checkpoint_and_reports_raw_and_ema(data, tmp_path):
+def test_fit_writes_checkpoint_and_reports_raw_and_ema(tiny_data, tmp_path):
     params = load_params(write_params(tmp_path / "params.yaml"))
-    result = fit(_request(params, data, tmp_path / "model"))
+    result = fit(_request(params, tiny_data, tmp_path / "model"))
     assert [row["epoch"] for row in result.history] == [1, 2]
     last = result.final
     # raw and EMA are both reported, under their own names; nothing picks the better one
@@ -44,7 +39,9 @@ def test_fit_writes_checkpoint_and_reports_raw_and_ema(data, tmp_path):
     # the per-epoch validation is a real evaluation of the saved weights, raw and EMA alike
     for which, key in (("raw", "val_mAP"), ("ema", "val_ema_mAP")):
         loaded = load_for_inference(tmp_path / "model", which, torch.device("cpu"))
-        val = eval_loader(resolve_shards(data.val), batch_size=16, image_size=32, num_workers=0)
+        val = eval_loader(
+            resolve_shards(tiny_data.val), batch_size=16, image_size=32, num_workers=0
+        )
         _, scores, targets = predict(loaded.model, val, torch.device("cpu"))
         assert last[key] == pytest.approx(evaluate_scores(scores, targets, CLASSES).mAP, abs=1e-9)
     assert last["val_mAP"] != last["val_ema_mAP"]
@@ -60,9 +57,9 @@ def test_fit_writes_checkpoint_and_reports_raw_and_ema(data, tmp_path):
     assert history == result.history
 
 
-def test_training_learns_the_tiny_task(data, tmp_path):
+def test_training_learns_the_tiny_task(tiny_data, tmp_path):
     params = load_params(write_params(tmp_path / "p.yaml", train={"epochs": 6, "ema_decay": None}))
-    result = fit(_request(params, data, tmp_path / "model"))
+    result = fit(_request(params, tiny_data, tmp_path / "model"))
     first, last = result.history[0], result.history[-1]
     assert last["train_loss"] < first["train_loss"]
     assert last["val_mAP"] > 0.7  # chance level is the label frequency, about 0.4
@@ -96,9 +93,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(data, tmp_path):
+def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(tiny_data, tmp_path):
     params_file = write_params(tmp_path / "params.yaml", train={"checkpoint_every": 2})
-    reference = fit(_request(load_params(params_file), data, tmp_path / "reference"))
+    reference = fit(_request(load_params(params_file), tiny_data, tmp_path / "reference"))
 
     out = tmp_path / "killed"
     args = [
@@ -106,9 +103,9 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(data, tmp_path
         "--params",
         str(params_file),
         "--shards",
-        str(data.train),
+        str(tiny_data.train),
         "--val-shards",
-        str(data.val),
+        str(tiny_data.val),
         "--out",
         str(out),
         "--no-live",
@@ -140,7 +137,7 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(data, tmp_path
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_disjoint_equal_steps(data, tmp_path):
+def test_ddp_two_processes_disjoint_equal_steps(tiny_data, tmp_path):
     """`lcm train --nproc 2` goes through the Prefect flow, which starts two ranks of
     `python -m lcm.train_rank` with torchrun."""
     params_file = write_params(tmp_path / "params.yaml", train={"epochs": 1})
@@ -150,9 +147,9 @@ def test_ddp_two_processes_disjoint_equal_steps(data, tmp_path):
         "--params",
         str(params_file),
         "--shards",
-        str(data.train),
+        str(tiny_data.train),
         "--val-shards",
-        str(data.val),
+        str(tiny_data.val),
         "--out",
         str(out),
         "--no-live",
@@ -189,11 +186,11 @@ def test_ddp_two_processes_disjoint_equal_steps(data, tmp_path):
     ],
 )
 def test_bad_input_fails_before_training_with_one_line(
-    data, tmp_path, extra, params_extra, fragment
+    tiny_data, tmp_path, extra, params_extra, fragment
 ):
     if "--resume" in extra:  # a checkpoint of another architecture to resume from
         params = load_params(write_params(tmp_path / "p0.yaml", train={"epochs": 1}))
-        fit(TrainRequest(params, str(data.train), tmp_path / "out"))
+        fit(TrainRequest(params, str(tiny_data.train), tmp_path / "out"))
     if "MASK" in extra:  # a mask file whose keys do not match the shards
         from lcm.data.manifest import ImageRecord, write_manifest
         from lcm.data.masks import make_mask
@@ -214,7 +211,7 @@ def test_bad_input_fails_before_training_with_one_line(
         "--params",
         str(params_file),
         "--shards",
-        str(data.train),
+        str(tiny_data.train),
         "--out",
         str(tmp_path / "out"),
         "--no-live",

@@ -14,12 +14,6 @@ import torch
 from lcm.checkpoint import load_for_inference
 from lcm.export import ExportError, export_onnx
 from tests._engine_fixtures import cli_env, lcm_cmd
-from tests._predict_fixtures import make_trained
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return make_trained(tmp_path_factory.mktemp("export"))
 
 
 @pytest.mark.slow

@@ -10,13 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from _shard_fixtures import tiny_split
 
 from lcm.data.manifest import ImageRecord, read_manifest, write_manifest
-from lcm.data.masks import apply_mask, make_mask, read_mask
+from lcm.data.masks import apply_mask, make_mask, make_masks, mask_file, read_mask
 from lcm.data.shard_writer import write_shards
 from lcm.data.shards import check_mask_matches, resolve_shards, train_loader
 from lcm.errors import ConfigError, DataError
+from tests._shard_fixtures import tiny_split
 
 N_IMAGES, N_CLASSES = 1000, 20
 
@@ -180,3 +180,21 @@ def test_mask_check_notices_a_replaced_mask_file(tiny, tmp_path: Path):
     make_mask(other.prepared, 0.1, seed=0, out=tmp_path / "m.parquet")  # same path, new content
     with pytest.raises(DataError, match="m.parquet"):
         train_loader(shards, mask=tmp_path / "m.parquet", **args)
+
+
+def test_mask_files_are_named_once_and_found_by_train_missing(synthetic, tmp_path):
+    from lcm.config import params_from_dict
+    from lcm.errors import ConfigError
+    from lcm.training import mask_for
+
+    reports = make_masks(synthetic, [0.5, 0.1], seed=0, out_dir=tmp_path / "masks")
+    assert [r.path for r in reports] == [mask_file(tmp_path / "masks", m) for m in (0.5, 0.1)]
+    params = params_from_dict({"train": {"missing": 0.5}})
+    assert mask_for(params, None, tmp_path / "masks") == reports[0].path
+    assert mask_for(params, tmp_path / "x.parquet", None) == tmp_path / "x.parquet"
+    assert mask_for(params_from_dict({}), None, tmp_path / "masks") is None
+    with pytest.raises(ConfigError, match="--masks DIR"):
+        mask_for(params, None, None)
+    with pytest.raises(ConfigError, match="missing ratio"):  # checked before any file is written
+        make_masks(synthetic, [0.2, 1.5], seed=0, out_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

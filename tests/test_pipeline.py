@@ -9,13 +9,28 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
+import os
 import shlex
+import shutil
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
+import duckdb
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
+
+from lcm.config import DataConfig
+from lcm.data.shards import eval_loader, resolve_shards
+from tests._engine_fixtures import cli_env, write_params
+from tests._prepare_fixtures import voc_xml, write_voc
 
 ROOT = Path(__file__).resolve().parent.parent
+FORMATS = typing.get_args(typing.get_type_hints(DataConfig)["format"])
 
 
 def _stages() -> dict[str, dict]:
@@ -95,9 +110,12 @@ STAGES = [name for name, stage in _stages().items() if "lcm " in str(stage.get("
 def test_stage_depends_on_every_module_its_command_imports(stage):
     spec = _stages()[stage]
     spec = spec.get("do", spec)
-    words = [w for w in shlex.split(spec["cmd"])[1:] if not w.startswith("-")]
-    fn = _command_function(words)
-    start = _imports(ast.parse(inspect.getsource(fn).strip()), "cli") | {"lcm.errors"}
+    start = {"lcm.errors"}
+    for fmt in FORMATS:  # `lcm data prepare ${data.format}`: every format the params allow
+        cmd = spec["cmd"].replace("${data.format}", fmt)
+        words = [w for w in shlex.split(cmd)[1:] if not w.startswith("-")]
+        fn = _command_function(words)
+        start |= _imports(ast.parse(inspect.getsource(fn).strip()), "cli")
     deps = [d for d in spec["deps"] if "${" not in d or d.startswith(("lcm", "flows"))]
     code = {p for p in _closure(start) if _has_code(p) and p not in DISPLAY_ONLY}
     missing = sorted(str(p.relative_to(ROOT)) for p in code if not _covered(p, deps))
@@ -114,3 +132,112 @@ def _has_code(path: Path) -> bool:
         or (isinstance(n, ast.ImportFrom) and n.module != "__future__")
         for n in body
     )
+
+
+# ------------------------------------------------------------------ the pipeline on VOC data
+VOC_TRAIN, VOC_TEST = 24, 12
+DIFFICULT = ("000000", "dog")  # in trainval: a dog marked difficult and nothing else of its class
+
+
+def _voc_image(rng: np.random.Generator, labels: list[int]) -> Image.Image:
+    arr = np.full((40, 40, 3), 30, np.uint8) + rng.integers(0, 20, (40, 40, 3), dtype=np.uint8)
+    for c in labels:
+        y, x = rng.integers(0, 26, 2)
+        arr[y : y + 12, x : x + 12] = (40 * c) % 256, (90 * c) % 256, 255 - 12 * c
+    return Image.fromarray(arr)
+
+
+def _voc_dataset(root: Path) -> Path:
+    """A VOC2007-layout root: trainval and test split files, XMLs, 40 px JPEGs; four classes
+    appear (person, dog, car, cat), one dog is difficult-only."""
+    from lcm.data.voc import VOC_CLASSES
+
+    rng = np.random.default_rng(7)
+    used = [VOC_CLASSES.index(n) for n in ("person", "dog", "car", "cat")]
+    (root / "JPEGImages").mkdir(parents=True)
+    annotations = {}
+    for i in range(VOC_TRAIN + VOC_TEST):
+        image_id = f"{i:06d}"
+        labels = [c for c in used if rng.random() < 0.4] or [used[i % 4]]
+        objects = [(VOC_CLASSES[c], 0) for c in labels]
+        if image_id == DIFFICULT[0]:
+            labels = [VOC_CLASSES.index("person")]
+            objects = [("person", 0), (DIFFICULT[1], 1)]
+        _voc_image(rng, labels).save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
+        annotations[image_id] = voc_xml(f"{image_id}.jpg", objects, size=(40, 40))
+    ids = list(annotations)
+    write_voc(root, annotations, split="trainval", jpegs=[], ids=ids[:VOC_TRAIN])
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids[VOC_TRAIN:]) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_pipeline_on_voc(tmp_path):
+    """`dvc repro predict` on a VOC layout: prepare, shard, mask, train, evaluate, predict."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("lcm", "flows"):
+        shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("cli.py", "dvc.yaml"):
+        shutil.copy(ROOT / name, project / name)
+    _voc_dataset(project / "data" / "raw" / "voc")
+    splits = {
+        "train": {"name": "trainval", "images": "JPEGImages"},
+        "val": {"name": "test", "images": "JPEGImages"},
+    }
+    write_params(  # the repo's params (every section dvc.yaml names), tiny model, VOC data
+        project / "params.yaml",
+        base=yaml.safe_load((ROOT / "params.yaml").read_text()),
+        data={"name": "voc", "format": "voc", "raw": "data/raw/voc", "splits": splits},
+        shard={"max_side": 64, "shard_size": 10},
+        mask={"missing": [0.5], "seed": 0},
+        train={"epochs": 1, "missing": 0.5},
+        evaluate={"batch_size": 16, "weights": "raw"},
+        predict={"run_id": "val", "batch_size": 16, "weights": "raw"},
+    )
+    env = cli_env(tmp_path)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_SITE_CACHE_DIR"] = str(tmp_path / "dvc-site-cache")
+    env["DVC_NO_ANALYTICS"] = "1"
+
+    def dvc(*args: str) -> str:
+        res = subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True,
+            text=True,
+        )  # fmt: skip
+        assert res.returncode == 0, f"dvc {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
+        return res.stdout
+
+    dvc("init", "--no-scm", "-q")
+    with open(project / ".dvc" / "config", "a") as f:
+        f.write((ROOT / ".dvc" / "config").read_text())
+    dvc("repro", "predict")
+    assert not (project / "data" / "raw" / "synth").exists()  # the synthetic stage did not run
+
+    from lcm.data.manifest import read_manifest
+    from lcm.data.masks import read_mask
+    from lcm.data.voc import VOC_CLASSES
+
+    manifest = read_manifest(project / "data" / "prepared" / "voc" / "train")
+    assert manifest.table.num_rows == VOC_TRAIN
+    loader = eval_loader(
+        resolve_shards(project / "data" / "shards" / "voc" / "train"),
+        batch_size=8, image_size=32, num_workers=0,
+    )  # fmt: skip
+    targets = {k: t for b in loader for k, t in zip(b.keys, b.targets.tolist(), strict=True)}
+    assert len(targets) == VOC_TRAIN
+    first = targets[DIFFICULT[0]]
+    assert first[VOC_CLASSES.index(DIFFICULT[1])] == -1  # difficult-only: unknown
+    assert first[VOC_CLASSES.index("person")] == 1
+    assert first[VOC_CLASSES.index("cat")] == 0
+    assert len(read_mask(project / "data" / "masks" / "voc" / "train" / "missing-0.5.parquet"))
+
+    metrics = json.loads((project / "metrics" / "eval" / "metrics.json").read_text())
+    assert metrics["n_images"] == VOC_TEST
+    con = duckdb.connect(str(project / "predictions" / "voc.duckdb"), read_only=True)
+    try:
+        (n_rows,) = con.execute("SELECT count(*) FROM predictions WHERE run_id = 'val'").fetchone()
+    finally:
+        con.close()
+    assert n_rows == VOC_TEST * len(VOC_CLASSES)
+    assert "up to date" in dvc("repro", "predict")  # nothing left stale

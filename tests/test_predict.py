@@ -23,17 +23,11 @@ from tests._predict_fixtures import (
     corrupt_one_jpeg,
     direct_scores,
     fetch,
-    make_trained,
     stored,
 )
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 N_IMAGES, N_SHARDS, C = 32, 4, len(CLASSES)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return make_trained(tmp_path_factory.mktemp("predict"))
 
 
 def run_flow(model, db, run_id, runner="thread", **kw):

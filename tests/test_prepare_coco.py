@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 
 import pytest
-from _prepare_fixtures import COCO_CLASSES, COCO_EXPECTED, coco_doc, tiny_jpeg, write_coco
 
 from lcm.data.coco import prepare_coco
 from lcm.data.manifest import read_manifest
 from lcm.data.prepare import REPORT_FILE, PrepareReport
 from lcm.errors import DataError
+from tests._prepare_fixtures import COCO_CLASSES, COCO_EXPECTED, coco_doc, tiny_jpeg, write_coco
 
 
 def _by_key(out: Path) -> dict[str, tuple[list[int], list[int], int, int]]:

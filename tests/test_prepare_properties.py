@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _prepare_fixtures import coco_doc, tiny_jpeg, voc_xml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +22,7 @@ from lcm.data.manifest import read_manifest
 from lcm.data.prepare import PrepareReport
 from lcm.data.voc import VOC_CLASSES, prepare_voc
 from lcm.errors import DataError
+from tests._prepare_fixtures import coco_doc, tiny_jpeg, voc_xml
 
 SETTINGS = settings(
     max_examples=150,

@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-from _prepare_fixtures import BILLION_LAUGHS, external_entity_xml, voc_xml, write_voc
 
 from lcm.data.manifest import read_manifest
 from lcm.data.prepare import REPORT_FILE
 from lcm.data.voc import VOC_CLASSES, prepare_voc
 from lcm.errors import DataError
+from tests._prepare_fixtures import BILLION_LAUGHS, external_entity_xml, voc_xml, write_voc
 
 C = {name: i for i, name in enumerate(VOC_CLASSES)}
 

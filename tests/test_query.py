@@ -15,18 +15,16 @@ import pytest
 from lcm.query import QueryError, check_sql, run_query
 from lcm.store import default_parts_root
 from tests._engine_fixtures import cli_env, lcm_cmd
-from tests._predict_fixtures import fetch, make_trained
+from tests._predict_fixtures import fetch
 
 FIRST = "SELECT image_key, label_id, score FROM predictions ORDER BY image_key, label_id LIMIT 6"
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory, prefect_harness):
+def db(tmp_path_factory, trained, prefect_harness):
     from flows.predict import batch_predict
 
-    root = tmp_path_factory.mktemp("query")
-    trained = make_trained(root)
-    path = root / "p.duckdb"
+    path = tmp_path_factory.mktemp("query") / "p.duckdb"
     batch_predict(
         checkpoint=str(trained.model),
         db=str(path),

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests._engine_fixtures import cli_env, lcm_cmd
-from tests._predict_fixtures import fetch, make_trained
+from tests._predict_fixtures import fetch
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +49,6 @@ def stop(proc):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return make_trained(tmp_path_factory.mktemp("serve"))
 
 
 def test_serve_runs_the_scheduled_deployment_into_duckdb(trained, tmp_path):

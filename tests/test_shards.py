@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _shard_fixtures import CLASSES, TinySplit, save_jpeg, tiny_split
 from PIL import Image
 
 from lcm.data import shard_writer
@@ -21,6 +20,7 @@ from lcm.data.shard_writer import write_shards
 from lcm.data.shards import eval_loader, load_info, resolve_shards, train_loader
 from lcm.data.transforms import MEAN, STD, eval_transform, normalize
 from lcm.errors import ConfigError, DataError
+from tests._shard_fixtures import CLASSES, TinySplit, save_jpeg, tiny_split
 
 # 3 workers on a 2-CPU machine is deliberate here: order must hold for any worker count
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")

@@ -21,16 +21,11 @@ from lcm.engine import fit
 from lcm.errors import DataError
 from lcm.trainer import Ema, TensorBatch, build_trainer, train_step
 from lcm.training import TrainRequest
-from tests._engine_fixtures import make_tiny_data, write_params
+from tests._engine_fixtures import write_params
 from tests._predict_fixtures import corrupt_one_jpeg
 
 CPU = torch.device("cpu")
 TINY_MODEL = ModelConfig(backbone="resnet18", dim=32, heads=2, ffn=64, depth=1)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_tiny_data(tmp_path_factory.mktemp("speedup-data"))
 
 
 def _batches(n: int, classes: int = 4) -> list[TensorBatch]:
@@ -129,16 +124,16 @@ def _same_batches(a, b) -> None:
         assert x.skipped == y.skipped and x.shard == y.shard
 
 
-def test_device_decode_fallback_gives_the_worker_path_batches(data):
+def test_device_decode_fallback_gives_the_worker_path_batches(tiny_data):
     common = dict(batch_size=8, image_size=24, seed=5, epoch=1, num_workers=0)
     _same_batches(
-        train_loader(data.train, **common),
-        train_loader(data.train, **common, device=CPU, decode_on_device=True),
+        train_loader(tiny_data.train, **common),
+        train_loader(tiny_data.train, **common, device=CPU, decode_on_device=True),
     )
     _same_batches(  # through worker processes too, and resuming mid-epoch
-        train_loader(data.train, **{**common, "num_workers": 2}, skip_batches=2),
+        train_loader(tiny_data.train, **{**common, "num_workers": 2}, skip_batches=2),
         train_loader(
-            data.train,
+            tiny_data.train,
             **{**common, "num_workers": 2},
             skip_batches=2,
             device=CPU,
@@ -147,14 +142,14 @@ def test_device_decode_fallback_gives_the_worker_path_batches(data):
     )
     evals = dict(batch_size=5, image_size=24, num_workers=0, align_shards=True)
     _same_batches(
-        eval_loader(data.val, **evals),
-        eval_loader(data.val, **evals, decode_on_device=True),
+        eval_loader(tiny_data.val, **evals),
+        eval_loader(tiny_data.val, **evals, decode_on_device=True),
     )
 
 
-def test_device_decode_skips_or_names_a_corrupt_jpeg_like_the_workers(data, tmp_path):
+def test_device_decode_skips_or_names_a_corrupt_jpeg_like_the_workers(tiny_data, tmp_path):
     shards = tmp_path / "shards"
-    key = corrupt_one_jpeg(data.train, shards, shard="shard-000001.tar")
+    key = corrupt_one_jpeg(tiny_data.train, shards, shard="shard-000001.tar")
     evals = dict(batch_size=8, image_size=24, num_workers=0, skip_bad=True)
     _same_batches(
         eval_loader(shards, **evals),
@@ -169,7 +164,7 @@ def test_device_decode_skips_or_names_a_corrupt_jpeg_like_the_workers(data, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("background", [True, False])
-def test_checkpoint_policy_resumes_exactly(data, tmp_path, monkeypatch, background):
+def test_checkpoint_policy_resumes_exactly(tiny_data, tmp_path, monkeypatch, background):
     """A run stopped right after a mid-epoch checkpoint was handed to the writer resumes to
     the uninterrupted run's history and weights, with background writes on or off."""
     params = load_params(
@@ -178,7 +173,9 @@ def test_checkpoint_policy_resumes_exactly(data, tmp_path, monkeypatch, backgrou
             train={"checkpoint_every": 2, "checkpoint_async": background},
         )
     )
-    reference = fit(TrainRequest(params, str(data.train), tmp_path / "reference", str(data.val)))
+    reference = fit(
+        TrainRequest(params, str(tiny_data.train), tmp_path / "reference", str(tiny_data.val))
+    )
 
     # The background write of step 2's checkpoint waits until step 3 has changed the live
     # weights, so a snapshot that aliased them would be caught every time.
@@ -202,10 +199,12 @@ def test_checkpoint_policy_resumes_exactly(data, tmp_path, monkeypatch, backgrou
 
     out = tmp_path / "stopped"
     with pytest.raises(Stop):
-        fit(TrainRequest(params, str(data.train), out, str(data.val)), progress=stop_after)
+        fit(
+            TrainRequest(params, str(tiny_data.train), out, str(tiny_data.val)), progress=stop_after
+        )
     state = torch.load(out / "state.pt", weights_only=True)
     assert (state["epoch"], state["batch"], state["step"]) == (0, 2, 2)
-    resumed = fit(TrainRequest(params, str(data.train), out, str(data.val), resume=True))
+    resumed = fit(TrainRequest(params, str(tiny_data.train), out, str(tiny_data.val), resume=True))
     assert resumed.history == reference.history
     ref = torch.load(tmp_path / "reference" / "state.pt", weights_only=True)
     got = torch.load(out / "state.pt", weights_only=True)
@@ -238,13 +237,13 @@ def test_folded_batchnorm_scores_match_the_unfolded_model(arch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_prefetched_batches_equal_the_cpu_batches(data):
+def test_cuda_prefetched_batches_equal_the_cpu_batches(tiny_data):
     """The side-stream prefetch (pinned uint8 copies normalised on the GPU) delivers the CPU
     path's batches; stopping early shuts its thread down."""
     cuda = torch.device("cuda")
     common = dict(batch_size=8, image_size=24, seed=5, epoch=1, num_workers=2)
-    cpu = list(train_loader(data.train, **common))
-    gpu = train_loader(data.train, **common, device=cuda, pin_memory=True)
+    cpu = list(train_loader(tiny_data.train, **common))
+    gpu = train_loader(tiny_data.train, **common, device=cuda, pin_memory=True)
     got = list(gpu)
     assert [b.keys for b in got] == [b.keys for b in cpu]
     for a, b in zip(cpu, got, strict=True):

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from lcm.data.manifest import ImageRecord, make_key, safe_relpath
-from lcm.data.prepare import PrepareReport, check_image_root, read_annotation, write_prepared
+from lcm.data.prepare import (
+    PrepareReport,
+    check_image_root,
+    check_split_name,
+    read_annotation,
+    write_prepared,
+)
 from lcm.errors import DataError
 
 _MAX_SIDE = 2**31 - 1  # the manifest stores width/height as int32
@@ -134,6 +140,16 @@ def _positives(
             )
         positives[iid].add(class_of[cid])
     return positives
+
+
+def coco_split(root: Path, split: str) -> tuple[Path, Path]:
+    """(annotations file, image directory) of ``split`` in a COCO-layout root:
+    ``annotations/instances_<split>.json`` and ``images/<split>/``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: COCO dataset directory not found")
+    split = check_split_name(root, split)
+    return root / "annotations" / f"instances_{split}.json", root / "images" / split
 
 
 def prepare_coco(annotations: Path, images: Path, out: Path) -> PrepareReport:

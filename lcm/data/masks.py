@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +103,36 @@ def apply_mask(targets: np.ndarray, known: np.ndarray) -> np.ndarray:
     return out
 
 
-def make_mask(prepared: Path, missing: float, seed: int, out: Path) -> MaskReport:
-    """Draw the mask for a prepared training split and write it atomically to ``out``."""
+def mask_file(masks_dir: Path, missing: float) -> Path:
+    """Where a mask directory keeps ratio ``missing``: ``missing-0.5.parquet`` for 0.5.
+
+    The one naming rule for mask files: ``lcm data mask`` writes by it and training with
+    ``train.missing`` reads by it."""
+    return Path(masks_dir) / f"missing-{float(missing)}.parquet"
+
+
+def _check_mask_args(missing: float, seed: int) -> None:
     if not (isinstance(missing, int | float) and 0.0 <= missing < 1.0):
         raise ConfigError(f"mask missing ratio must be in [0, 1), got {missing!r}")
     if seed < 0:
         raise ConfigError(f"mask seed must be a non-negative integer, got {seed!r}")
+
+
+def make_masks(
+    prepared: Path, missing: Sequence[float], seed: int, out_dir: Path
+) -> list[MaskReport]:
+    """One mask per ratio, each written to ``mask_file(out_dir, ratio)``; every ratio is
+    checked before the first file is written."""
+    if not missing:
+        raise ConfigError("give at least one missing ratio")
+    for m in missing:
+        _check_mask_args(m, seed)
+    return [make_mask(prepared, m, seed, mask_file(out_dir, m)) for m in missing]
+
+
+def make_mask(prepared: Path, missing: float, seed: int, out: Path) -> MaskReport:
+    """Draw the mask for a prepared training split and write it atomically to ``out``."""
+    _check_mask_args(missing, seed)
     manifest = read_manifest(prepared)
     num_classes = manifest.num_classes
     rng = np.random.default_rng(seed)

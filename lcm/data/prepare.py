@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from lcm.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "prepare_report.json"
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SHOWN_MISSING = 5  # how many missing file names the one-line summary spells out
 
 
@@ -58,6 +60,13 @@ class PrepareReport:
             "image_root": str(self.image_root),
             "missing": list(self.missing),
         }
+
+
+def check_split_name(root: Path, split: str) -> str:
+    """A dataset split name (``train``, ``trainval``, ``val2017``): never a path."""
+    if not _SPLIT_NAME.fullmatch(split):
+        raise DataError(f"{root}: invalid split name {split!r} (letters, digits, _ and - only)")
+    return split
 
 
 def read_annotation(path: Path) -> bytes:

@@ -14,6 +14,9 @@ Crash safety: the old ``_info.json`` is removed before anything else is touched,
 written under a hidden temporary name and renamed when complete, and the new ``_info.json`` is
 written last. An interrupted run therefore leaves only complete shards and no ``_info.json``,
 which every reader refuses.
+
+Determinism and crash safety span the encoding, the tar writing and the parallel workers, so
+the whole writer stays in this one module (longer than most).
 """
 
 from __future__ import annotations

@@ -20,7 +20,13 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 
 from lcm.data.manifest import ImageRecord, make_key, resolve_image, safe_relpath
-from lcm.data.prepare import PrepareReport, check_image_root, read_annotation, write_prepared
+from lcm.data.prepare import (
+    PrepareReport,
+    check_image_root,
+    check_split_name,
+    read_annotation,
+    write_prepared,
+)
 from lcm.errors import DataError
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -29,7 +35,6 @@ VOC_CLASSES: tuple[str, ...] = (
     "train", "tvmonitor",
 )  # fmt: skip
 _CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
-_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _UINT = re.compile(r"[0-9]+")
 _MAX_SIDE = 2**31 - 1  # the manifest stores width/height as int32
 
@@ -43,9 +48,7 @@ def _inside(root: Path, relpath: str) -> Path:
 
 
 def _read_ids(root: Path, split: str) -> list[str]:
-    if not _SPLIT_NAME.fullmatch(split):
-        raise DataError(f"{root}: invalid split name {split!r} (letters, digits, _ and - only)")
-    rel = f"ImageSets/Main/{split}.txt"
+    rel = f"ImageSets/Main/{check_split_name(root, split)}.txt"
     path = _inside(root, rel)
     try:
         text = path.read_text(encoding="utf-8")
@@ -140,16 +143,17 @@ def _record(root: Path, image_id: str) -> ImageRecord:
     return ImageRecord(make_key(relpath), relpath, labels, ignore, width, height)
 
 
-def prepare_voc(root: Path, split: str, out: Path) -> PrepareReport:
+def prepare_voc(root: Path, split: str, out: Path, images: Path | None = None) -> PrepareReport:
     """Turn one split of a VOC dataset (``root`` = e.g. ``VOCdevkit/VOC2007``) into ``out``.
 
-    Manifest paths are relative to ``root / "JPEGImages"`` (the report's ``image_root``).
-    A listed id without its XML is an error; one without its JPEG is left out and reported.
+    Manifest paths are relative to ``images`` (default ``root / "JPEGImages"``; the report's
+    ``image_root``). A listed id without its XML is an error; one without its JPEG is left out
+    and reported.
     """
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise DataError(f"{root}: VOC dataset directory not found")
-    image_root = root / "JPEGImages"
+    image_root = Path(images) if images is not None else root / "JPEGImages"
     check_image_root(image_root)
     ids = _read_ids(root, split)
     split_file = root / "ImageSets" / "Main" / f"{split}.txt"
