@@ -85,7 +85,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) ->
     lib.propagate = False
 
 
-data_app = App(help="Data stages: synth, prepare, shard, mask.", no_args_is_help=True)
+data_app = App(help="Data stages: synth, prepare, shard, mask; index.", no_args_is_help=True)
 prepare_app = App(help="Raw annotations -> manifest.parquet + classes.json.", no_args_is_help=True)
 report_app = App(help="Reports: model size.", no_args_is_help=True)
 export_app = App(help="Export a trained model for serving.", no_args_is_help=True)
@@ -212,6 +212,24 @@ def data_shard(
     out.print(info.summary(), highlight=False)
 
 
+@data_app.command("index")
+def data_index(
+    shards: Annotated[str, typer.Argument(help="Shard directory, glob, brace list or URL(s).")],
+    classes: Annotated[Path, typer.Option(help="JSON list of the class names, in index order.")],
+    out_file: Annotated[Path, typer.Option("--out", help="The _info.json to write.")],
+) -> None:
+    """Write the _info.json of shards made by other tools (each read once, front to back)."""
+    from lcm.data.indexing import index_shards
+
+    with progress_bar("indexing") as update:
+        info = index_shards(shards, classes, out_file, progress=update)
+    out.print(
+        f"{out_file}: {info.total} samples in {len(info.shards)} shards, "
+        f"{info.num_classes} classes",
+        highlight=False,
+    )
+
+
 @data_app.command("mask")
 def data_mask(
     prepared: Annotated[Path, typer.Option(help="Train split's prepared directory.")],
@@ -253,7 +271,9 @@ def report_model(
 # ------------------------------------------------------------------------------ train / eval
 @app.command("train")
 def train(
-    shards: Annotated[str, typer.Option(help="Train shard directory or glob.")],
+    shards: Annotated[
+        str, typer.Option(help="Train shards: directory, glob, brace list or URL(s).")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Model directory.")],
     val_shards: Annotated[
         str | None, typer.Option(help="Validation shards (per-epoch mAP).")
@@ -303,7 +323,7 @@ def train(
 @app.command("evaluate")
 def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="Model directory from `lcm train`.")],
-    shards: Annotated[str, typer.Option(help="Shard directory or glob.")],
+    shards: Annotated[str, typer.Option(help="Shards: directory, glob, brace list or URL(s).")],
     out_dir: Annotated[Path, typer.Option("--out")],
     weights: Annotated[str, typer.Option(help="raw | ema (fixed up front).")] = "raw",
     batch_size: int = 64,
@@ -371,7 +391,9 @@ def batch_predict(
     checkpoint: Annotated[Path, typer.Option(help="Model directory from `lcm train`.")],
     db: Annotated[Path, typer.Option(help="DuckDB file (created if missing).")],
     run_id: Annotated[str, typer.Option(help="Names this run in the database.")],
-    shards: Annotated[str | None, typer.Option(help="Shard directory or glob.")] = None,
+    shards: Annotated[
+        str | None, typer.Option(help="Shards: directory, glob, brace list or URL(s).")
+    ] = None,
     images: Annotated[str | None, typer.Option(help="Directory or glob of JPEG/PNG files.")] = None,
     weights: Annotated[str, typer.Option(help="raw | ema.")] = "raw",
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
@@ -540,7 +562,9 @@ def predict(
 @app.command("serve")
 def serve(
     checkpoint: Annotated[Path, typer.Option(help="Model directory to predict with.")],
-    shards: Annotated[str, typer.Option(help="Shard directory or glob scored each night.")],
+    shards: Annotated[
+        str, typer.Option(help="Shards scored each night (directory, glob, brace list, URLs).")
+    ],
     db: Annotated[Path, typer.Option(help="DuckDB file the scheduled runs write.")],
     cron: Annotated[str, typer.Option(help="When batch prediction runs.")] = "0 3 * * *",
     timezone: Annotated[str, typer.Option(help="Time zone of the cron schedule.")] = "UTC",

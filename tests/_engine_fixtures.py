@@ -96,8 +96,9 @@ def write_params(path: Path, base: dict | None = None, **sections: dict) -> Path
     return path
 
 
-def cli_env(tmp: Path) -> dict[str, str]:
-    """Environment for `lcm` subprocesses: a private Prefect home, no analytics, 2 threads."""
+def cli_env(tmp: Path, api: str | None = None) -> dict[str, str]:
+    """Environment for `lcm` subprocesses: a private Prefect home, no analytics, 2 threads;
+    ``api``: a running Prefect server's API URL to use instead of a temporary one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(tmp / "prefect-home"),
@@ -107,6 +108,8 @@ def cli_env(tmp: Path) -> dict[str, str]:
         OMP_NUM_THREADS="2",
         PYTHONPATH=str(ROOT),
     )
+    if api is not None:
+        env["PREFECT_API_URL"] = api
     return env
 
 

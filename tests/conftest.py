@@ -40,6 +40,15 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session")
+def prefect_api(prefect_harness) -> str:
+    """The test server's API URL: `lcm` subprocesses given it (``cli_env(tmp, api=...)``)
+    skip starting a server of their own (~10 s each)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run on one intra-op thread: on a shared 2-core machine, OpenMP threads competing with

@@ -1,5 +1,9 @@
 """Reading shards: locating them, and the train / eval loaders.
 
+Local shards (a directory, a glob, a brace list of files) are read as below: exact, by
+seeking. Shards at URLs are streamed (:mod:`lcm.data.streaming` says what holds there);
+both modes share the decoding, transforms and labels (:class:`BatchStream`).
+
 Both loaders see the data as one stream of samples: the shards of an epoch in some order,
 each in file order. A loader is a list of batches, each batch a list of stream positions;
 worker ``w`` of ``W`` (PyTorch DataLoader processes) builds batches ``w, w + W, ...``. Because
@@ -29,22 +33,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lcm.data.delivery import Batch, BatchLoader, EvalLoader, TrainLoader
+from lcm.data.locations import expand, has_braces, is_url, read_url, shard_file_name, sibling
 from lcm.data.masks import LabelMask, read_mask
 from lcm.data.plans import EvalPlan, TrainPlan
 from lcm.data.shard_format import INFO_FILE, ShardInfo
 from lcm.data.stream import BatchStream
+from lcm.data.streaming import StreamingEvalStream, StreamingTrainStream
 from lcm.data.tar_index import index_shard
 from lcm.data.transforms import MEAN, STD
 from lcm.errors import ConfigError, DataError
 from lcm.io import read_json
 
-ShardSource = str | Path | tuple[Sequence[Path], ShardInfo]
+# a specification, or what resolve_shards made of one (Paths: local; str URLs: remote)
+ShardSource = str | Path | tuple[Sequence[Any], ShardInfo]
 
 __all__ = [  # the readers' public face; the pieces live in the modules imported above
     "Batch",
@@ -54,6 +63,7 @@ __all__ = [  # the readers' public face; the pieces live in the modules imported
     "TrainLoader",
     "check_mask_matches",
     "eval_loader",
+    "is_remote",
     "load_info",
     "resolve_shards",
     "train_loader",
@@ -66,39 +76,96 @@ def load_info(shard_dir: Path) -> ShardInfo:
     return ShardInfo.from_json(doc, path)
 
 
-def resolve_shards(spec: str | Path) -> tuple[list[Path], ShardInfo]:
-    """Shard files and their info from a shard directory or a glob of tars in one directory.
+def resolve_shards(spec: str | Path) -> tuple[list[Any], ShardInfo]:
+    """Shard locations and their info from a shard specification (:mod:`lcm.data.locations`):
+    a directory, a glob or brace list of tars in one directory (local: ``Path`` each), or
+    URLs (remote: ``str`` each, with the ``_info.json`` fetched from beside them).
 
-    For a glob, the returned info's ``shards`` and ``total`` describe the matched subset.
+    For a subset of a directory's shards, the returned info's ``shards`` and ``total``
+    describe that subset, in the directory's order.
     """
+    text = str(spec)
+    if is_url(text) or has_braces(text):
+        members = expand(text) if has_braces(text) else [text]
+        remote = [is_url(m) for m in members]
+        if all(remote):
+            return _remote(members, text)
+        if any(remote):
+            raise DataError(f"{spec}: mixes URLs and local paths; use one kind")
+        missing = [m for m in members if not Path(m).is_file()]
+        if missing:
+            raise DataError(f"{missing[0]}: shard file not found (from {spec})")
+        return _listed([Path(m) for m in members], text)
     root = Path(spec)
     if root.is_dir():
         info = load_info(root)
         paths = [root / e.name for e in info.shards]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise DataError(f"{missing[0]}: listed in {root / INFO_FILE} but missing")
+        missing_paths = [p for p in paths if not p.is_file()]
+        if missing_paths:
+            raise DataError(f"{missing_paths[0]}: listed in {root / INFO_FILE} but missing")
         return paths, info
-    matches = sorted(
+    matches = [
         Path(m) for m in glob.glob(str(spec)) if Path(m).is_file() and Path(m).name != INFO_FILE
-    )
+    ]
     if not matches:
         raise DataError(f"{spec}: no shard file matches this pattern")
-    folders = {m.parent.resolve() for m in matches}
+    return _listed(matches, text)
+
+
+def _listed(files: list[Path], spec: str) -> tuple[list[Any], ShardInfo]:
+    """Chosen tars of one shard directory, in the order its info file lists them."""
+    folders = {m.parent.resolve() for m in files}
     if len(folders) > 1:
-        raise DataError(f"{spec}: matches shards in {len(folders)} directories; use one")
-    folder = matches[0].parent
-    info = load_info(folder)
+        raise DataError(f"{spec}: names shards in {len(folders)} directories; use one")
+    folder = files[0].parent
+    subset = _subset(load_info(folder), files, folder / INFO_FILE, spec)
+    return [folder / e.name for e in subset.shards], subset
+
+
+def _subset(info: ShardInfo, files: Sequence[Any], where: Any, spec: str) -> ShardInfo:
+    names = [Path(str(f)).name if not is_url(str(f)) else shard_file_name(str(f)) for f in files]
     listed = {e.name for e in info.shards}
-    unlisted = [m for m in matches if m.name not in listed]
+    unlisted = [n for n in names if n not in listed]
     if unlisted:
+        raise DataError(f"{where}: does not list {unlisted[0]}, named by {spec}")
+    wanted = set(names)
+    entries = tuple(e for e in info.shards if e.name in wanted)
+    return dataclasses.replace(info, shards=entries, total=sum(e.count for e in entries))
+
+
+def _remote(urls: list[str], spec: str) -> tuple[list[Any], ShardInfo]:
+    """URLs of shards in one remote directory and their info, fetched from beside them."""
+    info_url = sibling(urls[0], INFO_FILE)
+    others = {sibling(u, INFO_FILE) for u in urls[1:]} - {info_url}
+    if others:
+        raise DataError(f"{spec}: names shards beside {len(others) + 1} info files; use one")
+    try:
+        raw = read_url(info_url)
+    except DataError as e:
         raise DataError(
-            f"{folder / INFO_FILE}: does not list {unlisted[0].name}, matched by {spec}"
-        )
-    names = {m.name for m in matches}
-    entries = tuple(e for e in info.shards if e.name in names)
-    subset = dataclasses.replace(info, shards=entries, total=sum(e.count for e in entries))
-    return [folder / e.name for e in entries], subset
+            f"{e}; remote shards need their {INFO_FILE} beside them (for shards made "
+            f"elsewhere: lcm data index SHARDS --classes classes.json --out {INFO_FILE})"
+        ) from e
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{info_url}: not valid JSON ({e})") from e
+    info = ShardInfo.from_json(doc, info_url)
+    if len(urls) == 1 and urls[0].endswith("/") and not urls[0].startswith("pipe:"):
+        bad = [e.name for e in info.shards if "/" in e.name or e.name.startswith(".")]
+        if bad:
+            raise DataError(f"{info_url}: shard name {bad[0]!r} is not a plain file name")
+        return [urls[0] + e.name for e in info.shards], info
+    by_name = {shard_file_name(u): u for u in urls}
+    if len(by_name) != len(urls):
+        raise DataError(f"{spec}: names a shard twice")
+    subset = _subset(info, urls, info_url, spec)
+    return [by_name[e.name] for e in subset.shards], subset
+
+
+def is_remote(locations: Sequence[Any]) -> bool:
+    """Whether resolved shard locations are URLs (streamed) rather than local files."""
+    return bool(locations) and isinstance(locations[0], str)
 
 
 def check_mask_matches(mask: Path, shards: Sequence[Path], info: ShardInfo) -> LabelMask:
@@ -107,8 +174,19 @@ def check_mask_matches(mask: Path, shards: Sequence[Path], info: ShardInfo) -> L
     The result is remembered while the files are unchanged, so building a loader every epoch
     reads the mask and the shard headers once.
     """
+    if is_remote(shards):  # no index without reading every shard: keys are checked as read
+        labels = read_mask(Path(mask))
+        _check_mask_classes(Path(mask), labels, info)
+        return labels
     stamps = tuple(_stamp(p) for p in (Path(mask), *shards))
     return _checked_mask(Path(mask), tuple(shards), info, stamps)
+
+
+def _check_mask_classes(mask: Path, labels: LabelMask, info: ShardInfo) -> None:
+    if labels.num_classes != info.num_classes:
+        raise DataError(
+            f"{mask}: has {labels.num_classes} classes but the shards have {info.num_classes}"
+        )
 
 
 def _stamp(path: Path) -> tuple[str, int, int]:
@@ -124,10 +202,7 @@ def _checked_mask(
     mask: Path, shards: tuple[Path, ...], info: ShardInfo, stamps: tuple[tuple[str, int, int], ...]
 ) -> LabelMask:
     labels = read_mask(mask)
-    if labels.num_classes != info.num_classes:
-        raise DataError(
-            f"{mask}: has {labels.num_classes} classes but the shards have {info.num_classes}"
-        )
+    _check_mask_classes(mask, labels, info)
     for path, entry in zip(shards, info.shards, strict=True):
         absent = [m.key for m in index_shard(path, entry.count) if m.key not in labels]
         if absent:
@@ -177,7 +252,7 @@ def train_loader(
     counts = [e.count for e in info.shards]
     plan = TrainPlan(counts, batch_size, seed, epoch, rank, world_size, resample, shuffle_window)
     if plan.num_batches == 0:
-        where = paths[0].parent if paths else shards
+        where = shards if isinstance(shards, str | Path) else Path(str(paths[0])).parent
         raise ConfigError(
             f"{where}: {info.total} samples cannot fill one batch of {batch_size} "
             f"on each of {world_size} ranks"
@@ -185,9 +260,19 @@ def train_loader(
     if not 0 <= skip_batches <= plan.num_batches:
         raise ConfigError(f"skip_batches {skip_batches} is outside 0..{plan.num_batches}")
     labels = check_mask_matches(mask, paths, info) if mask is not None else None
-    stream = BatchStream(
-        paths, info, plan, image_size, augment, labels, skip_batches, decode=not decode_on_device
-    )
+    stream: BatchStream
+    if is_remote(paths):
+        if not augment or resample:
+            raise ConfigError("streamed shards: training always augments and never resamples")
+        stream = StreamingTrainStream(
+            paths, info, plan, world_size, shuffle_window, image_size, labels, skip_batches,
+            decode=not decode_on_device,
+        )  # fmt: skip
+    else:
+        stream = BatchStream(
+            paths, info, plan, image_size, augment, labels, skip_batches,
+            decode=not decode_on_device,
+        )  # fmt: skip
     return TrainLoader(stream, num_workers, pin_memory, device=device)
 
 
@@ -218,7 +303,8 @@ def eval_loader(
     _check_positive(batch_size=batch_size, image_size=image_size)
     _check_non_negative(num_workers=num_workers)
     plan = EvalPlan([e.count for e in info.shards], batch_size, align=align_shards)
-    stream = BatchStream(
+    kind = StreamingEvalStream if is_remote(paths) else BatchStream
+    stream = kind(
         paths, info, plan, image_size, False, None, 0, skip_bad, decode=not decode_on_device
     )
     return EvalLoader(stream, num_workers, pin_memory, mean, std, device=device)

@@ -27,6 +27,7 @@ from lcm.data.transforms import (
 )
 from lcm.errors import DataError
 
+Sample = tuple[str, bytes, dict]  # key, JPEG bytes, metadata (labels, ignore)
 # uint8 (B, 3, S, S), float (B, C), keys, skipped (key, reason), the batch's one shard or -1
 RawBatch = tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]], int]
 
@@ -43,7 +44,8 @@ class EncodedBatch(NamedTuple):
 
 
 class BatchStream(IterableDataset):
-    """Yields batches ``first + w, first + w + W, ...`` in worker ``w`` of ``W``.
+    """Yields batches ``first + w, first + w + W, ...`` in worker ``w`` of ``W``, read from
+    local tars by seeking (:meth:`batches`; streaming from URLs overrides it).
 
     Images leave the workers as uint8 numpy arrays and are normalised by the receiving
     process: a quarter of the bytes of float32, and numpy arrays are pickled through the
@@ -71,20 +73,29 @@ class BatchStream(IterableDataset):
         if augment and skip_bad:  # a skipped image would shift the flips drawn after it
             raise ValueError("a training stream never skips images")
 
-    def __iter__(self) -> Iterator[RawBatch]:
+    def __iter__(self) -> Iterator[RawBatch | EncodedBatch]:
         worker = get_worker_info()
         wid, nw = (0, 1) if worker is None else (worker.id, worker.num_workers)
         if worker is not None:
             torch.set_num_threads(1)  # the workers already fill the cores
-        reader = ShardReader(self.paths, self.counts, self.plan.window)
         size = self.image_size
         preset = train_transform(size) if self.augment else eval_transform(size)
-        for b in range(self.first + wid, self.plan.num_batches, nw):
-            yield self._batch(b, reader, preset)
+        for b, samples, shards in self.batches(wid, nw):
+            yield self.assemble(b, samples, shards, preset)
 
-    def _batch(self, b: int, reader: ShardReader, preset: Preset) -> RawBatch | EncodedBatch:
-        shards, ordinals = self.plan.locate(self.plan.positions(b))
-        samples = reader.read(shards, ordinals)
+    def batches(self, wid: int, nw: int) -> Iterator[tuple[int, list[Sample], np.ndarray]]:
+        """``(batch index, samples, shard of each sample)`` of worker ``wid`` of ``nw``:
+        batches ``first + wid, first + wid + nw, ...``, each read by seeking in the tars."""
+        reader = ShardReader(self.paths, self.counts, self.plan.window)
+        for b in range(self.first + wid, self.plan.num_batches, nw):
+            shards, ordinals = self.plan.locate(self.plan.positions(b))
+            yield b, reader.read(shards, ordinals), shards
+
+    def assemble(
+        self, b: int, samples: list[Sample], shards: np.ndarray, preset: Preset
+    ) -> RawBatch | EncodedBatch:
+        """Batch ``b`` from its samples: decoded, transformed and labelled (or, when the
+        receiving process decodes, the JPEG bytes with the flips drawn for them)."""
         gen = self.plan.generator(b) if self.augment else None
         one_shard = int(shards[0]) if len(shards) and (shards == shards[0]).all() else -1
         if not self.decode:
@@ -112,7 +123,7 @@ class BatchStream(IterableDataset):
 
     def _encoded(
         self,
-        samples: list[tuple[str, bytes, dict]],
+        samples: list[Sample],
         shards: np.ndarray,
         preset: Preset,
         gen: torch.Generator | None,
@@ -131,7 +142,7 @@ class BatchStream(IterableDataset):
 
     def _fill_targets(self, row: np.ndarray, key: str, meta: dict, where: str) -> None:
         try:
-            row[meta["ignore"]] = -1.0
+            row[meta.get("ignore", [])] = -1.0
             row[meta["labels"]] = 1.0
         except (KeyError, IndexError, TypeError) as e:
             raise DataError(f"{where}: bad labels in its metadata ({e!r})") from e

@@ -101,10 +101,12 @@ def _loader(unit: Unit, meta: ckpt.ModelMeta, batch_size: int, workers: int) -> 
         std=meta.std,
     )
     if unit.shard is not None:
+        from lcm.data.locations import is_url
         from lcm.data.shards import eval_loader
 
         path, info = unit.shard
-        return eval_loader(([Path(path)], info), align_shards=True, skip_bad=True, **common)
+        where: Any = path if is_url(path) else Path(path)  # a URL is streamed
+        return eval_loader(([where], info), align_shards=True, skip_bad=True, **common)
     from lcm.data.images import image_loader
 
     return image_loader(Path(unit.root or "."), unit.files, **common)
