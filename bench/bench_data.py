@@ -6,6 +6,9 @@
 2. The shard stage on N and 10N synthetic JPEGs: images/s (all cores) and the peak resident
    memory of the whole process tree (parent + Pool workers, polled). Target: peak(10N) /
    peak(N) <= 1.2, i.e. memory does not grow with the dataset.
+3. Streaming: the eval and train loaders on the same shards read from local files (seeking)
+   and streamed from a local HTTP server (``http://127.0.0.1:PORT/shard-{...}.tar``, through
+   webdataset and curl). Target: images/s ratio streamed / local >= 0.9.
 
     .venv/bin/python bench/bench_data.py --n 1000
 """
@@ -103,6 +106,60 @@ def bench_eval(root: Path, args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+def bench_stream(root: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Local files against the same shards behind a local HTTP server, interleaved."""
+    import socket
+
+    import torch
+
+    from lcm.data.shard_writer import write_shards
+    from lcm.data.shards import eval_loader, train_loader
+
+    prepared, images = make_split(root / "stream", args.eval_n, seed=3)
+    shards = root / "stream" / "shards"
+    info = write_shards(prepared, images, shards, max_side=None, shard_size=500, workers=2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=shards, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)
+        url = f"http://127.0.0.1:{port}/shard-{{000000..{len(info.shards) - 1:06d}}}.tar"
+        common = dict(batch_size=args.batch_size, image_size=args.image_size,
+                      num_workers=args.workers)  # fmt: skip
+
+        def run(kind: str, spec: str) -> int:
+            if kind == "eval":
+                loader = eval_loader(spec, **common)
+            else:
+                loader = train_loader(spec, seed=0, epoch=0, **common)
+            return sum(len(b.keys) for b in loader)
+
+        torch.set_num_threads(1)
+        contenders = {
+            f"{kind} {where}": (lambda k=kind, s=spec: run(k, s))
+            for kind in ("eval", "train")
+            for where, spec in (("local", str(shards)), ("http", url))
+        }
+        for fn in contenders.values():
+            fn()  # warm the page cache and the code paths
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for _ in range(args.repeats):
+            for name, fn in contenders.items():
+                times[name].append(timed(fn))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    out = {name: args.eval_n / float(np.median(t)) for name, t in times.items()}
+    for kind in ("eval", "train"):
+        pairs = zip(times[f"{kind} local"], times[f"{kind} http"], strict=True)
+        out[f"{kind} ratio"] = float(np.median([lo / hi for lo, hi in pairs]))
+    return out
+
+
 def bench_shard_stage(root: Path, n: int, args: argparse.Namespace) -> dict[str, float]:
     """Run the shard stage in a child process; poll the tree's summed RSS."""
     import psutil
@@ -180,6 +237,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-shard", action="store_true")
+    p.add_argument("--skip-stream", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
@@ -199,6 +257,18 @@ def main() -> None:
             print(
                 f"ratio stream / plain: best {r['stream'] / r['plain']:.2f}, "
                 f"median of pairs {r['ratio_median']:.2f}  (target >= 0.8)"
+            )
+        if not args.skip_stream:
+            r = bench_stream(root, args)
+            print(
+                f"\n(3) local files vs streamed from a local HTTP server, {args.eval_n} images, "
+                f"{args.workers} workers, median of {args.repeats}"
+            )
+            for name in ("eval local", "eval http", "train local", "train http"):
+                print(f"{name:<14}{r[name]:>10.0f} images/s")
+            print(
+                f"ratio http / local (median of pairs): eval {r['eval ratio']:.2f}, "
+                f"train {r['train ratio']:.2f}  (target >= 0.9)"
             )
         if not args.skip_shard:
             rows = [bench_shard_stage(root, n, args) for n in (args.n, 10 * args.n)]

@@ -98,7 +98,7 @@ def test_url_spec_errors_name_the_problem(served, spec, fragment):
         resolve_shards(spec.format(url=url, root=root))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, 2, 4])  # 4 workers > 3 shards
 def test_streamed_evaluation_batches_equal_the_local_ones(served, tiny_data, num_workers):
     _, url = served
     kw = dict(batch_size=5, image_size=32, num_workers=num_workers)
@@ -153,7 +153,7 @@ def test_foreign_shards_get_an_info_file(served, trained, tmp_path):
     finally:
         out.unlink()
     (tmp_path / "one.tar").write_bytes(b"not a tar" * 100)
-    with pytest.raises(DataError, match="one.tar: cannot read the shard"):
+    with pytest.raises(DataError, match="one.tar: corrupt tar header"):
         index_shards(str(tmp_path / "one.tar"), tmp_path / "classes.json", tmp_path / "_info.json")
     (tmp_path / "two.json").write_text(json.dumps(["a"]))  # too few classes for the labels
     with pytest.raises(DataError, match="class indices in"):

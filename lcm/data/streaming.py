@@ -23,7 +23,8 @@ Unlike local mode, ranks split shards rather than samples, and a sample can be s
 not at all in an epoch when the shards do not divide evenly between the pairs.
 
 Evaluation makes exactly the local mode's batches: worker ``w`` takes a contiguous run of
-them and streams from the shard its run begins in, reading past the samples before it. With
+them (starting near a shard's start) and streams from the shard its run begins in, reading
+past the samples before it. With
 several workers the batches arrive interleaved, not in shard order; their contents, and so
 every score, are those of the local mode.
 """
@@ -158,8 +159,7 @@ class StreamingEvalStream(_StreamingBase):
     def batches(self, wid: int, nw: int) -> Iterator[tuple[int, list[Sample], np.ndarray]]:
         plan = self.plan
         assert isinstance(plan, EvalPlan)
-        n = plan.num_batches
-        lo, hi = wid * n // nw, (wid + 1) * n // nw
+        lo, hi = _runs(plan, len(self.paths), nw)[wid]
         if lo >= hi:
             return
         shard, ordinal = plan.locate(plan.positions(lo)[:1])
@@ -172,3 +172,18 @@ class StreamingEvalStream(_StreamingBase):
         yield from self._shard(shard, skip)
         for s in range(shard + 1, len(self.paths)):
             yield from self._shard(s)
+
+
+def _runs(plan: EvalPlan, num_shards: int, nw: int) -> list[tuple[int, int]]:
+    """Each worker's contiguous run of batches. With at least as many shards as workers a
+    run starts with the batch holding a shard's first sample, so a worker reads past less
+    than one batch; otherwise the batches are split evenly."""
+    n = plan.num_batches
+    starts = [0]
+    if num_shards >= nw:
+        for w in range(1, nw):
+            first = plan.starts[w * num_shards // nw]  # stream position of the shard's start
+            starts.append(int(np.searchsorted(plan.bounds[:, 1], first, side="right")))
+    if num_shards < nw or any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
+        starts = [w * n // nw for w in range(nw)]
+    return list(zip(starts, [*starts[1:], n], strict=True))
