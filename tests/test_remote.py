@@ -132,6 +132,9 @@ def test_streamed_training_holds_what_the_readme_says(served, tiny_data):
         rest = _epoch(spec, num_workers=workers, skip_batches=4)
         assert [k for k, _ in rest] == [k for k, _ in full[4:]]
         assert all(torch.equal(a[1], b[1]) for a, b in zip(rest, full[4:], strict=True))
+    listed = _epoch(f"{tiny_data.train}/shard-{{000000..000002}}.tar")  # local: exact mode
+    whole = _epoch(tiny_data.train)
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(listed, whole, strict=True))
     ranks = [_epoch(spec, rank=r, world_size=2) for r in range(2)]
     assert [len(r) for r in ranks] == [3, 3]  # equal batches per rank
     rank0 = {k for ks, _ in ranks[0] for k in ks}
