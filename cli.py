@@ -101,13 +101,21 @@ def data_synth(
     out_dir: Annotated[Path, typer.Argument(help="Output root (COCO layout).")],
     n_train: Annotated[int, typer.Option(min=1)] = 4000,
     n_val: Annotated[int, typer.Option(min=1)] = 1000,
-    size: Annotated[int, typer.Option(min=32, help="Image side in pixels.")] = 96,
+    size: Annotated[
+        int | None,
+        typer.Option(min=32, help="Image side in pixels [default: 96; interaction: 128]."),
+    ] = None,
     seed: int = 0,
     workers: Annotated[int, typer.Option(min=1, help="Rendering processes.")] = 2,
+    tier: Annotated[
+        str, typer.Option(help="context (the default story) | interaction (XOR of anchors).")
+    ] = "context",
 ) -> None:
     """Generate the synthetic benchmark in the COCO layout (byte-identical per seed)."""
     from lcm.data.synthetic import generate_synthetic
 
+    if size is None:
+        size = 128 if tier == "interaction" else 96
     with progress_bar("rendering") as update:
         summary = generate_synthetic(
             out_dir,
@@ -117,6 +125,7 @@ def data_synth(
             seed=seed,
             progress=update,
             workers=workers,
+            tier=tier,
         )
     out.print(str(summary))
 
@@ -124,14 +133,35 @@ def data_synth(
 @data_app.command("ceilings")
 def data_ceilings(
     raw: Annotated[Path, typer.Argument(help="Root written by `lcm data synth`.")],
+    probe: Annotated[
+        bool, typer.Option(help="Also probe a briefly trained, frozen `gap` backbone (slow).")
+    ] = False,
 ) -> None:
-    """Context-only and appearance-only AP ceilings of the synthetic look-alike classes."""
-    from lcm.data.ceilings import format_ceilings_table, measure_background_cue, measure_ceilings
+    """What a tier leaves to learn: context-only / appearance-only ceilings of the look-alike
+    classes, and linear vs non-linear models on per-glyph counts for every class."""
+    from lcm.data.synthetic.ceilings import (
+        format_ceilings_table,
+        format_count_table,
+        measure_background_cue,
+        measure_ceilings,
+        measure_count_ceilings,
+    )
 
     rows = measure_ceilings(raw)
     scene_acc, rows = measure_background_cue(raw, rows)
     out.print(format_ceilings_table(rows), highlight=False)
-    out.print(f"background pixels alone name the scene in {100 * scene_acc:.1f}% of val images")
+    if scene_acc is not None:
+        out.print(f"background pixels alone name the scene in {100 * scene_acc:.1f}% of val images")
+    out.print("")
+    out.print("per-glyph counts, linear vs non-linear:", highlight=False)
+    out.print(format_count_table(measure_count_ceilings(raw)), highlight=False)
+    if probe:
+        from lcm.data.synthetic.probe import format_probe_table, probe_backbone
+
+        with progress_bar("probing") as update:
+            table = probe_backbone(raw, progress=update)
+        out.print("frozen `gap` backbone, pooled features, linear vs MLP probe:", highlight=False)
+        out.print(format_probe_table(table), highlight=False)
 
 
 @prepare_app.command("coco")

@@ -66,9 +66,10 @@ class MaskConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture. ``arch`` picks the head: ``lcm`` (SPEC section 2), ``gap`` or ``q2l``."""
+    """Architecture. ``arch`` picks the head: ``lcm`` (SPEC section 2), ``gap``, ``gap_mlp``
+    (``gap`` with a two-hidden-layer MLP head, a control) or ``q2l``."""
 
-    arch: Literal["lcm", "gap", "q2l"] = "lcm"
+    arch: Literal["lcm", "gap", "gap_mlp", "q2l"] = "lcm"
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
     # False: random init; True: torchvision weights from the torch hub cache; or a file path.
     pretrained: bool | str = False
@@ -80,6 +81,12 @@ class ModelConfig:
     fusion: Literal["cat", "sum"] = "cat"
     dropout: float = 0.1
     mask_ratio: float = 0.1  # r: share of known labels hidden in the partial-label branch
+    # Recipe switches (README "Results": each measured; off reproduces the earlier models).
+    reinit_layers: bool = False  # Transformer layers initialised independently (lcm, q2l)
+    label_embed: bool = False  # [ours] a learned per-class embedding on each class token
+    prior_bias: bool = False  # output biases start at the classes' log-odds (every arch)
+    context_tokens: bool = True  # lcm: False drops the context-aware tokens (a control)
+    mlp_hidden: int = 512  # gap_mlp: width of its two hidden layers
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     scheduler: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    head_lr: float | None = None  # lr of every parameter outside the backbone (None: lr)
+    warmup: float = 0.2  # onecycle: share of the steps spent warming up
     grad_clip: float | None = 10.0
     ema_decay: float | None = 0.999
     seed: int = 0

@@ -21,7 +21,7 @@ from torch import nn
 
 from lcm import checkpoint as ckpt
 from lcm.config import Params, TrainConfig, to_dict
-from lcm.data.shards import eval_loader, resolve_shards, train_loader
+from lcm.data.shards import eval_loader, label_priors, resolve_shards, train_loader
 from lcm.data.transforms import MEAN, STD
 from lcm.errors import ConfigError
 from lcm.inference import predict
@@ -94,9 +94,11 @@ def fit(
     total_steps = steps_per_epoch * cfg.epochs
 
     seed_everything(cfg.seed)
+    priors = label_priors((shard_paths, info)) if params.model.prior_bias else None
     state = build_trainer(
-        params.model, params.loss, cfg, len(classes), total_steps, device, dist=dist
-    )
+        params.model, params.loss, cfg, len(classes), total_steps, device, dist=dist,
+        priors=priors,
+    )  # fmt: skip
     model, ema = state.model, state.ema
 
     start_epoch, start_batch, step, history = 0, 0, 0, []

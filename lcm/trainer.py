@@ -18,7 +18,7 @@ changing results beyond float tolerance:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from lcm.config import LossConfig, ModelConfig, TrainConfig
+from lcm.errors import ConfigError
 from lcm.models import build_model
 from lcm.models.losses import compute_loss
 from lcm.runtime import Dist, amp_dtype, autocast, unwrap
@@ -113,8 +114,22 @@ def _sgd(groups: list[dict[str, Any]], cfg: TrainConfig, **kw: Any) -> torch.opt
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adamw": _adamw, "sgd": _sgd}
 
 
+def init_output_bias(model: nn.Module, priors: Sequence[float]) -> None:
+    """Every output bias of ``model`` (its ``output_biases()``) set to the classes' log-odds,
+    so training starts from the label frequencies instead of 0.5 for every class."""
+    p = torch.as_tensor(list(priors), dtype=torch.float32).clamp(1e-4, 1 - 1e-4)
+    with torch.no_grad():
+        for bias in model.output_biases():
+            bias.copy_(torch.log(p / (1 - p)))
+
+
 def _onecycle(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> LRScheduler:
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
+    if not 0.0 < cfg.warmup < 1.0:
+        raise ConfigError(f"train.warmup must lie in (0, 1), got {cfg.warmup}")
+    peaks = [g.get("lr", cfg.lr) for g in opt.param_groups]  # per group: head_lr, lr
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=peaks, total_steps=steps, pct_start=cfg.warmup
+    )
 
 
 def _cosine(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> LRScheduler:
@@ -142,17 +157,30 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """``train.optimizer`` over two parameter groups: no weight decay on biases, norms and
     embeddings (standard for Transformers)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or "embed" in name else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    if cfg.head_lr is None:
+        groups = _decay_groups(model.named_parameters(), cfg)
+    else:  # the backbone at train.lr, everything else at train.head_lr
+        named = list(unwrap(model).named_parameters())
+        backbone = [(n, p) for n, p in named if n.startswith("backbone.")]
+        head = [(n, p) for n, p in named if not n.startswith("backbone.")]
+        groups = [
+            *(g | {"lr": cfg.lr} for g in _decay_groups(backbone, cfg)),
+            *(g | {"lr": cfg.head_lr} for g in _decay_groups(head, cfg)),
+        ]
     fused = cfg.fused_optimizer and (device is None or device.type in ("cuda", "cpu"))
     # leaving fused out lets PyTorch pick its default (foreach on CUDA)
     return OPTIMIZERS[cfg.optimizer](groups, cfg, **({"fused": True} if fused else {}))
+
+
+def _decay_groups(named: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in named:
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or "embed" in name else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> LRScheduler:
@@ -214,14 +242,22 @@ def build_trainer(
     total_steps: int,
     device: torch.device,
     dist: Dist | None = None,
+    priors: Sequence[float] | None = None,
 ) -> TrainState:
     """Model (branch on when ``loss.beta > 0``), EMA, optimiser, schedule and scaler, on
     ``device``; wrapped in DDP for several ranks and compiled when ``train.compile``.
-    The caller seeds the RNGs first (the initial weights draw from the global RNG)."""
+    The caller seeds the RNGs first (the initial weights draw from the global RNG).
+    ``priors``: each class's share of positive training targets; with ``model.prior_bias``
+    the output biases start at their log-odds (needed then)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = train_cfg.cudnn_benchmark
     dtype = amp_dtype(train_cfg.amp, device)
-    model = build_model(model_cfg, num_classes, branch=loss_cfg.beta > 0).to(device)
+    model = build_model(model_cfg, num_classes, branch=loss_cfg.beta > 0)
+    if model_cfg.prior_bias:
+        if priors is None:
+            raise ConfigError("model.prior_bias needs the training set's class priors")
+        init_output_bias(model, priors)
+    model = model.to(device)
     if train_cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model.train()

@@ -11,12 +11,6 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from lcm.data.ceilings import (
-    CeilingRow,
-    format_ceilings_table,
-    measure_background_cue,
-    measure_ceilings,
-)
 from lcm.data.synthetic import (
     CLASSES,
     GLYPHS,
@@ -27,6 +21,12 @@ from lcm.data.synthetic import (
     glyph_of,
     place_glyphs,
     render_image,
+)
+from lcm.data.synthetic.ceilings import (
+    CeilingRow,
+    format_ceilings_table,
+    measure_background_cue,
+    measure_ceilings,
 )
 from lcm.errors import ConfigError, DataError
 
@@ -280,3 +280,58 @@ def test_ceilings_name_a_missing_metadata_file(small: Path, tmp_path: Path) -> N
     )
     with pytest.raises(DataError, match="synth_meta.json"):
         measure_ceilings(tmp_path)
+
+
+# ------------------------------------------------------------------------ the interaction tier
+@pytest.fixture(scope="module")
+def interaction(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("interaction") / "synth"
+    generate_synthetic(out, n_train=800, n_val=300, size=64, seed=5, workers=2, tier="interaction")
+    return out
+
+
+def test_interaction_tier_same_bytes_per_seed(interaction: Path, tmp_path: Path) -> None:
+    again, other = tmp_path / "again", tmp_path / "other"
+    generate_synthetic(again, n_train=800, n_val=300, size=64, seed=5, tier="interaction")
+    generate_synthetic(other, n_train=800, n_val=300, size=64, seed=6, tier="interaction")
+    files = sorted(p.relative_to(interaction) for p in interaction.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert all((interaction / f).read_bytes() == (again / f).read_bytes() for f in files)
+    first = Path("images/train/000000000001.jpg")
+    assert (interaction / first).read_bytes() != (other / first).read_bytes()
+    meta = json.loads((interaction / "annotations" / "synth_meta.json").read_text())
+    assert meta["tier"] == "interaction" and meta["args"]["tier"] == "interaction"
+
+
+def test_interaction_tier_follows_the_xor_rule_with_glyphs_apart(interaction: Path) -> None:
+    from lcm.data.synthetic.interaction import ANCHORS, PAIRS
+
+    anchors = [name for name, _ in ANCHORS]
+    for split in ("train", "val"):
+        coco = _coco(interaction, split)
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        by_image: dict[int, list[tuple[str, list[float]]]] = {}
+        for a in coco["annotations"]:
+            by_image.setdefault(a["image_id"], []).append((names[a["category_id"]], a["bbox"]))
+        for objects in by_image.values():
+            present = {n for n, _ in objects}
+            for (a, b), _, (i, j) in PAIRS:
+                xor = (anchors[i] in present) != (anchors[j] in present)
+                assert not (a in present and not xor) and not (b in present and xor)
+            left = [box[0] + box[2] / 2 < 32 for n, box in objects if n in anchors]
+            right = [box[0] + box[2] / 2 < 32 for n, box in objects if n not in anchors]
+            assert len(set(left)) <= 1 and len(set(right)) <= 1  # each kind in one half
+            if left and right:
+                assert left[0] != right[0]  # anchors and glyphs in opposite halves
+
+
+def test_count_ceilings_separate_the_tiers(interaction: Path, moderate: Path) -> None:
+    from lcm.data.synthetic.ceilings import format_count_table, measure_count_ceilings
+
+    rows = measure_count_ceilings(interaction)
+    looks = [r for r in rows if r.role == "lookalike"]
+    assert len(looks) == 8 and all(r.nonlinear_ap >= r.linear_ap + 0.3 for r in looks)
+    assert all(r.linear_ap > 0.97 and r.nonlinear_ap > 0.97 for r in rows if r.role == "anchor")
+    context = [r for r in measure_count_ceilings(moderate) if r.role == "lookalike"]
+    assert all(abs(r.nonlinear_ap - r.linear_ap) < 0.1 for r in context)  # nothing to combine
+    assert "**mean: lookalike**" in format_count_table(rows)

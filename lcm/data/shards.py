@@ -34,19 +34,28 @@ import dataclasses
 import functools
 import glob
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lcm.data.delivery import Batch, BatchLoader, EvalLoader, TrainLoader
-from lcm.data.locations import expand, has_braces, is_url, read_url, shard_file_name, sibling
+from lcm.data.locations import (
+    expand,
+    has_braces,
+    is_url,
+    iter_samples,
+    read_url,
+    shard_file_name,
+    sibling,
+)
 from lcm.data.masks import LabelMask, read_mask
 from lcm.data.plans import EvalPlan, TrainPlan
 from lcm.data.shard_format import INFO_FILE, ShardInfo
 from lcm.data.stream import BatchStream
-from lcm.data.streaming import StreamingEvalStream, StreamingTrainStream
+from lcm.data.streaming import StreamingEvalStream, StreamingTrainStream, parse_sample
 from lcm.data.tar_index import index_shard
 from lcm.data.transforms import MEAN, STD
 from lcm.errors import ConfigError, DataError
@@ -64,6 +73,7 @@ __all__ = [  # the readers' public face; the pieces live in the modules imported
     "check_mask_matches",
     "eval_loader",
     "is_remote",
+    "label_priors",
     "load_info",
     "resolve_shards",
     "train_loader",
@@ -166,6 +176,38 @@ def _remote(urls: list[str], spec: str) -> tuple[list[Any], ShardInfo]:
 def is_remote(locations: Sequence[Any]) -> bool:
     """Whether resolved shard locations are URLs (streamed) rather than local files."""
     return bool(locations) and isinstance(locations[0], str)
+
+
+def label_priors(shards: ShardSource) -> np.ndarray:
+    """(C,) each class's share of positives among its known targets, from the samples'
+    metadata (local shards: the .json members only; URLs: streamed)."""
+    paths, info = _resolve(shards)
+    pos = np.zeros(info.num_classes)
+    unknown = np.zeros(info.num_classes)
+    n = 0
+    for path, entry in zip(paths, info.shards, strict=True):
+        for key, meta in _metadata(path, entry.count):
+            try:
+                pos[meta["labels"]] += 1
+                unknown[meta.get("ignore", [])] += 1
+            except (KeyError, IndexError, TypeError) as e:
+                raise DataError(f"{path}: sample {key!r} has bad labels ({e!r})") from e
+            n += 1
+    return pos / np.maximum(n - unknown, 1)
+
+
+def _metadata(path: Any, count: int) -> Iterator[tuple[str, dict]]:
+    if isinstance(path, str):  # a URL: read through
+        for key, parts in iter_samples(path):
+            yield parse_sample(path, key, parts)[0::2]
+        return
+    with open(path, "rb") as f:
+        for m in index_shard(path, count):
+            f.seek(m.meta[0])
+            try:
+                yield m.key, json.loads(f.read(m.meta[1]))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{path}: sample {m.key!r} has bad metadata ({e})") from e
 
 
 def check_mask_matches(mask: Path, shards: Sequence[Path], info: ShardInfo) -> LabelMask:

@@ -13,7 +13,9 @@ What comes from the paper and what is our reconstruction:
     type embeddings (``model.fusion: cat``) or adding them (``sum``); a post-norm encoder
     whose two output halves are summed; per-class linear heads; the auxiliary head on F_cls;
     the branch mechanics after C-Tran (label-state embeddings added to the class-aware tokens,
-    the same Transformer run a second time).
+    the same Transformer run a second time); the optional label-identity embedding
+    (``model.label_embed``) and the control without context tokens
+    (``model.context_tokens: false``).
 """
 
 from __future__ import annotations
@@ -97,6 +99,14 @@ class LCM(nn.Module):
             norm_first=False,  # post-norm, as SPEC section 2.3
         )
         self.transformer = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        if cfg.reinit_layers:
+            reinit_layers(self.transformer.layers)
+        self.context_tokens = cfg.context_tokens
+        # [ours] the paper describes no label-identity embedding: with near-identical tokens
+        # (small feature maps) it tells the Transformer whose token it is looking at.
+        self.label_embed = (
+            nn.Parameter(torch.randn(num_classes, dim) * 0.02) if cfg.label_embed else None
+        )
         self.head = PerClassLinear(num_classes, dim)
         self.aux_head = PerClassLinear(num_classes, dim)
         self.state_embed = nn.Embedding(3, dim, padding_idx=UNKNOWN)
@@ -193,14 +203,34 @@ class LCM(nn.Module):
             "f_ctx": f_ctx,
         }
 
+    def output_biases(self) -> list[Tensor]:
+        return [self.head.bias, self.aux_head.bias]
+
     def _correlate(self, f_cls: Tensor, f_ctx: Tensor) -> Tensor:
         """Fuse the two token kinds and run the label-correlation Transformer -> (B, C, D)."""
+        if self.label_embed is not None:
+            f_cls, f_ctx = f_cls + self.label_embed, f_ctx + self.label_embed
+        if not self.context_tokens:  # control: the class-aware tokens alone
+            return self.transformer(f_cls)  # (B, C, D)
         if self.fusion == "sum":
             return self.transformer(f_cls + f_ctx)  # (B, C, D)
         tokens = torch.cat([f_cls + self.type_embed[0], f_ctx + self.type_embed[1]], dim=1)
         z = self.transformer(tokens)  # (B, 2C, D)
         c = self.num_classes
         return z[:, :c] + z[:, c:]  # (B, C, D): each class's two tokens summed back
+
+
+def reinit_layers(layers: nn.ModuleList) -> None:
+    """Give each layer of an ``nn.TransformerEncoder`` / ``Decoder`` its own initial weights.
+
+    Those classes deep-copy one layer, so every layer starts identical; DETR and Query2Label
+    re-initialise after cloning. Here every submodule is reset with PyTorch's own init."""
+    for layer in layers:
+        for m in layer.modules():
+            if isinstance(m, nn.MultiheadAttention):
+                m._reset_parameters()
+            elif m is not layer and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
 
 
 @register_model("lcm")

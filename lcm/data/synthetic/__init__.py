@@ -15,7 +15,7 @@ Generative story (the dataset card in the README tells it in full):
   shared by a whole scene (several classes), never a label.
 
 ``annotations/synth_meta.json`` records the story (pairs, tiny classes, scenes, each image's
-scene, the arguments) so :mod:`lcm.data.ceilings` and later studies can name them.
+scene, the arguments) so :mod:`lcm.data.synthetic.ceilings` and later studies can name them.
 """
 
 from lcm.data.synthetic.render import render_image

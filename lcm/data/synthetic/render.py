@@ -8,7 +8,6 @@ import numpy as np
 
 from lcm.data.synthetic.story import (
     _SUPERSAMPLE,
-    GLYPHS,
     TINT_JITTER,
     Placed,
     Scene,
@@ -75,7 +74,7 @@ def _coverage(obj: Placed, size: int) -> tuple[int, int, np.ndarray]:
     c, s = np.cos(obj.angle), np.sin(obj.angle)
     u = c * du[None, :] + s * dv[:, None]  # (h*SS, w*SS)
     v = -s * du[None, :] + c * dv[:, None]
-    mask = _shape_mask(GLYPHS[obj.glyph].shape, u, v)
+    mask = _shape_mask(obj.shape, u, v)
     alpha = mask.reshape(y1 - y0, _SUPERSAMPLE, x1 - x0, _SUPERSAMPLE).mean(axis=(1, 3))
     return x0, y0, alpha
 

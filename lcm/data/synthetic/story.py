@@ -171,6 +171,7 @@ class Placed:
     side: float  # px; the glyph fits in the circle of this diameter
     angle: float  # radians
     rgb: tuple[float, float, float]
+    shape: str
 
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -183,18 +184,38 @@ def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return w * h / smaller
 
 
-def place_glyphs(glyphs: list[str], size: int, rng: np.random.Generator) -> list[Placed]:
-    """Geometry for each glyph, in draw order; a function of the glyphs only, never classes."""
+def place_glyphs(
+    glyphs: list[str],
+    size: int,
+    rng: np.random.Generator,
+    table: dict[str, Glyph] = GLYPHS,
+    regions: list[tuple[float, float]] | None = None,
+    placed_before: list[Placed] | None = None,
+) -> list[Placed]:
+    """Geometry for each glyph, in draw order; a function of the glyphs only, never classes.
+
+    ``regions``: per glyph, the horizontal band (fractions of the width) its centre may take;
+    ``placed_before``: glyphs already placed, which the new ones avoid overlapping."""
     scale = size / REFERENCE_SIZE
     placed: list[Placed] = []
-    boxes: list[tuple[float, ...]] = []
-    for key in glyphs:
-        g = GLYPHS[key]
+    boxes: list[tuple[float, ...]] = [
+        (p.cx - p.side / 2, p.cy - p.side / 2, p.cx + p.side / 2, p.cy + p.side / 2)
+        for p in placed_before or []
+    ]
+    for i, key in enumerate(glyphs):
+        g = table[key]
         lo, hi = TINY_SIZE if rng.random() < g.tiny_p else g.size
         side = max(2.0, rng.uniform(lo, hi) * scale)
+        x_lo, x_hi = (side / 2, size - side / 2)
+        if regions is not None:
+            a, b = regions[i]
+            x_lo, x_hi = max(x_lo, a * size + side / 2), min(x_hi, b * size - side / 2)
         best, best_score = (0.0, 0.0), np.inf
         for _ in range(_PLACE_TRIES):
-            cx, cy = rng.uniform(side / 2, size - side / 2, 2)
+            if regions is None:
+                cx, cy = rng.uniform(side / 2, size - side / 2, 2)
+            else:
+                cx, cy = rng.uniform(x_lo, x_hi), rng.uniform(side / 2, size - side / 2)
             box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
             score = max((_overlap(box, b) for b in boxes), default=0.0)
             if score < best_score:
@@ -204,7 +225,8 @@ def place_glyphs(glyphs: list[str], size: int, rng: np.random.Generator) -> list
         cx, cy = best
         boxes.append((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
         rgb = tuple(np.clip(np.asarray(g.rgb) + rng.normal(0.0, 10.0, 3), 0, 255).tolist())
-        placed.append(Placed(key, float(cx), float(cy), side, rng.uniform(0, 2 * np.pi), rgb))
+        angle = rng.uniform(0, 2 * np.pi)
+        placed.append(Placed(key, float(cx), float(cy), side, angle, rgb, g.shape))
     return placed
 
 

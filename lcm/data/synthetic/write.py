@@ -12,10 +12,13 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
 
+from lcm.data.synthetic import interaction
+from lcm.data.synthetic import story as story_module
 from lcm.data.synthetic.render import render_image
 from lcm.data.synthetic.story import (
     CLASSES,
@@ -28,7 +31,6 @@ from lcm.data.synthetic.story import (
     TINY_VISIBLE_PX,
     category_ids,
     glyph_of,
-    sample_image,
 )
 from lcm.errors import ConfigError, DataError
 from lcm.progress import ProgressCallback
@@ -41,6 +43,7 @@ SPLITS = ("train", "val")
 JPEG_QUALITY = 90
 _SPLIT_CODE = {"train": 0, "val": 1}
 _MIN_SIZE = 32
+TIERS = ("context", "interaction")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class _Job:
     split: str
     index: int
     size: int
+    tier: str = "context"
 
 
 def _make_image(job: _Job) -> tuple[bytes, list[dict], str]:
@@ -70,11 +74,12 @@ def _make_image(job: _Job) -> tuple[bytes, list[dict], str]:
     rng = np.random.default_rng(
         np.random.SeedSequence([job.seed, _SPLIT_CODE[job.split], job.index])
     )
-    scene, classes, objects = sample_image(rng, job.size)
+    story = _story(job.tier)
+    scene, classes, objects = story.sample_image(rng, job.size)
     pixels, boxes = render_image(scene, objects, job.size, rng)  # (S, S, 3) uint8
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=JPEG_QUALITY, subsampling="4:2:0")
-    ids = category_ids()
+    ids = story.category_ids()
     anns = [
         {"category_id": ids[cls], "bbox": box.bbox, "area": box.area}
         for cls, box in zip(classes, boxes, strict=True)
@@ -92,12 +97,22 @@ def _run_jobs(jobs: list[_Job], workers: int) -> Iterator[tuple[bytes, list[dict
         yield from pool.imap(_make_image, jobs, chunksize=64)
 
 
-def _categories() -> list[dict]:
-    ids = category_ids()
-    return [{"id": ids[c.name], "name": c.name, "supercategory": c.role} for c in CLASSES]
+def _story(tier: str) -> ModuleType:
+    """The module that tells a tier's story: ``story`` (context) or ``interaction``."""
+    if tier not in TIERS:
+        raise ConfigError(f"synth: unknown tier {tier!r}; expected one of {', '.join(TIERS)}")
+    return story_module if tier == "context" else interaction
 
 
-def _meta(args: dict, image_scenes: dict[str, dict[str, str]]) -> dict:
+def _categories(tier: str) -> list[dict]:
+    story = _story(tier)
+    ids = story.category_ids()
+    return [{"id": ids[c.name], "name": c.name, "supercategory": c.role} for c in story.CLASSES]
+
+
+def _meta(args: dict, image_scenes: dict[str, dict[str, str]], tier: str) -> dict:
+    if tier != "context":
+        return _tier_meta(args, image_scenes, _story(tier))
     ids = category_ids()
     size = args["size"]
     return {
@@ -132,6 +147,31 @@ def _meta(args: dict, image_scenes: dict[str, dict[str, str]]) -> dict:
     }
 
 
+def _tier_meta(args: dict, image_scenes: dict[str, dict[str, str]], story: ModuleType) -> dict:
+    ids = story.category_ids()
+    return {
+        "generator": "lcm.data.synthetic",
+        "version": GENERATOR_VERSION,
+        "args": args,
+        "reference_size": REFERENCE_SIZE,
+        "tiny_visible_px": TINY_VISIBLE_PX * args["size"] / REFERENCE_SIZE,
+        **story.story_meta(),
+        "classes": [
+            {"name": c.name, "category_id": ids[c.name], "role": c.role, "glyph": c.glyph}
+            for c in story.CLASSES
+        ],
+        "glyphs": {
+            k: {"shape": g.shape, "rgb": list(g.rgb), "size": list(g.size), "tiny_p": g.tiny_p}
+            for k, g in story.GLYPHS.items()
+        },
+        "lookalike_pairs": [
+            {"glyph": story.GLYPHS_OF[a], "classes": [a, b]} for a, b in story.LOOKALIKE_PAIRS
+        ],
+        "tiny_classes": list(story.TINY_CLASSES),
+        "image_scenes": image_scenes,
+    }
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, separators=(",", ":")) + "\n", encoding="utf-8")
 
@@ -143,6 +183,7 @@ def _write_benchmark(
     seed: int,
     workers: int,
     progress: ProgressCallback | None,
+    tier: str,
 ) -> SynthSummary:
     (root / "annotations").mkdir()
     total = sum(counts.values())
@@ -157,7 +198,7 @@ def _write_benchmark(
         images: list[dict] = []
         annotations: list[dict] = []
         scenes: dict[str, str] = {}
-        jobs = [_Job(seed, split, i, size) for i in range(counts[split])]
+        jobs = [_Job(seed, split, i, size, tier) for i in range(counts[split])]
         for jpeg, anns, scene in _run_jobs(jobs, workers):
             image_id += 1
             file_name = f"{image_id:012d}.jpg"
@@ -174,20 +215,23 @@ def _write_benchmark(
             "info": {"description": "lcm synthetic benchmark", "version": GENERATOR_VERSION},
             "images": images,
             "annotations": annotations,
-            "categories": _categories(),
+            "categories": _categories(tier),
         }
         _write_json(root / "annotations" / f"instances_{split}.json", coco)
         n_anns[split] = len(annotations)
         image_scenes[split] = scenes
     args = {"n_train": counts["train"], "n_val": counts["val"], "size": size, "seed": seed}
-    _write_json(root / "annotations" / META_FILE, _meta(args, image_scenes))
+    if tier != "context":  # the default tier's metadata stays byte-identical
+        args["tier"] = tier
+    _write_json(root / "annotations" / META_FILE, _meta(args, image_scenes, tier))
+    story = _story(tier)
     return SynthSummary(
         out=root,
-        classes=tuple(c.name for c in CLASSES),
+        classes=tuple(c.name for c in story.CLASSES),
         images=dict(counts),
         annotations=n_anns,
-        lookalike_pairs=LOOKALIKE_PAIRS,
-        tiny_classes=TINY_CLASSES,
+        lookalike_pairs=story.LOOKALIKE_PAIRS,
+        tiny_classes=story.TINY_CLASSES,
     )
 
 
@@ -240,6 +284,7 @@ def generate_synthetic(
     seed: int = 0,
     progress: ProgressCallback | None = None,
     workers: int = 1,
+    tier: str = "context",
 ) -> SynthSummary:
     """Write the synthetic benchmark to ``out`` in COCO layout; byte-identical per arguments.
 
@@ -247,8 +292,10 @@ def generate_synthetic(
     ``out/annotations/synth_meta.json``. The tree is built in a temporary directory beside
     ``out`` and renamed into place, so an interrupted run leaves ``out`` as it was.
     ``workers`` > 1 renders in that many spawned processes (the bytes do not depend on it); a
-    calling script then needs the usual ``if __name__ == "__main__":`` guard.
+    calling script then needs the usual ``if __name__ == "__main__":`` guard. ``tier``:
+    ``context`` (the default story) or ``interaction`` (:mod:`lcm.data.synthetic.interaction`).
     """
+    _story(tier)
     if n_train < 1 or n_val < 1:
         raise ConfigError(f"synth: n_train and n_val must be >= 1, got {n_train} and {n_val}")
     if size < _MIN_SIZE:
@@ -260,7 +307,7 @@ def generate_synthetic(
     tmp.mkdir()  # not mkdtemp: its 0700 mode would outlive the rename
     try:
         counts = {"train": n_train, "val": n_val}
-        summary = _write_benchmark(tmp, counts, size, seed, workers, progress)
+        summary = _write_benchmark(tmp, counts, size, seed, workers, progress, tier)
         _swap_in(tmp, out)
     except BaseException:
         _remove_tree(tmp)

@@ -13,6 +13,12 @@ and scored (average precision) on another, from the COCO annotations only:
 
 ``measure_background_cue`` adds what the background pixels alone give away (they must hint at
 the scene, not name a class); it reads the JPEGs.
+
+``measure_count_ceilings`` asks whether a tier needs a model that combines its evidence: for
+every class, a linear model (logistic regression) and a non-linear one (gradient-boosted
+trees) on the image's per-glyph counts, which is everything a perfect glyph detector sees.
+On the default tier both reach about the same AP; on the interaction tier the look-alikes
+need the non-linear one (an XOR of two anchors), while appearance classes stay near 1.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.pipeline import make_pipeline
@@ -195,8 +202,9 @@ def measure_background_cue(
     *,
     split_fit: str = "train",
     split_eval: str = "val",
-) -> tuple[float, list[CeilingRow]]:
-    """Scene accuracy from background pixels alone, and ``rows`` with ``background_ap`` set."""
+) -> tuple[float | None, list[CeilingRow]]:
+    """Scene accuracy from background pixels alone (None with one scene), and ``rows`` with
+    ``background_ap`` set."""
     raw_root = Path(raw_root)
     meta = _load_meta(raw_root)
     names = [c["name"] for c in meta["classes"]]
@@ -208,10 +216,12 @@ def measure_background_cue(
         s_e = [meta["image_scenes"][split_eval][str(im["id"])] for im in ev.images]
     except KeyError as exc:
         raise DataError(f"{raw_root / 'annotations' / META_FILE}: no scene for {exc}") from exc
-    scene_model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    with threadpool_limits(limits=1):
-        scene_model.fit(x_f, s_f)
-        accuracy = float(scene_model.score(x_e, s_e))
+    accuracy = None  # a tier with one scene has no scene to guess
+    if len(set(s_f)) > 1:
+        scene_model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        with threadpool_limits(limits=1):
+            scene_model.fit(x_f, s_f)
+            accuracy = float(scene_model.score(x_e, s_e))
     out = []
     for row in rows:
         c = names.index(row.name)
@@ -235,4 +245,86 @@ def format_ceilings_table(rows: list[CeilingRow]) -> str:
         if with_bg:
             cells.append("-" if r.background_ap is None else f"{r.background_ap:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class CountCeiling:
+    name: str
+    role: str  # the class's role in the story (anchor, lookalike, tiny, member, generic)
+    positives: int  # in the evaluation split
+    prevalence: float
+    linear_ap: float  # logistic regression on the per-glyph counts
+    nonlinear_ap: float  # gradient-boosted trees on the same counts
+
+    @property
+    def gain(self) -> float:
+        return self.nonlinear_ap - self.linear_ap
+
+
+def _glyph_counts(split: _Split, glyph_of: dict[str, str], glyphs: list[str]) -> np.ndarray:
+    """(N, G): how many instances of each glyph an image shows."""
+    col = {g: i for i, g in enumerate(glyphs)}
+    counts = np.zeros((len(split.images), len(glyphs)))
+    for i, anns in enumerate(split.anns):
+        for a in anns:
+            counts[i, col[glyph_of[a["name"]]]] += 1
+    return counts
+
+
+def measure_count_ceilings(
+    raw_root: Path, *, split_fit: str = "train", split_eval: str = "val", seed: int = 0
+) -> list[CountCeiling]:
+    """Linear and non-linear AP on per-glyph counts, for every class with a positive."""
+    raw_root = Path(raw_root)
+    meta = _load_meta(raw_root)
+    names = [c["name"] for c in meta["classes"]]
+    glyph_of = {c["name"]: c["glyph"] for c in meta["classes"]}
+    role_of = {c["name"]: c["role"] for c in meta["classes"]}
+    glyphs = sorted(set(glyph_of.values()))
+    fit, ev = (_load_split(raw_root, s, names) for s in (split_fit, split_eval))
+    x_f, x_e = _glyph_counts(fit, glyph_of, glyphs), _glyph_counts(ev, glyph_of, glyphs)
+    rows = []
+    for c, name in enumerate(names):
+        y_f, y_e = fit.labels[:, c], ev.labels[:, c]
+        if y_f.min() == y_f.max() or y_e.sum() == 0:
+            logger.warning("%s: no positive (or no negative) to fit or score; skipped", name)
+            continue
+        trees = HistGradientBoostingClassifier(
+            max_iter=200, learning_rate=0.1, min_samples_leaf=5, random_state=seed
+        )
+        with threadpool_limits(limits=1):
+            trees.fit(x_f, y_f)
+            nonlinear = float(average_precision_score(y_e, trees.predict_proba(x_e)[:, 1]))
+        rows.append(
+            CountCeiling(
+                name=name,
+                role=role_of[name],
+                positives=int(y_e.sum()),
+                prevalence=float(y_e.mean()),
+                linear_ap=_fit_ap(x_f, y_f, x_e, y_e),
+                nonlinear_ap=nonlinear,
+            )
+        )
+    return rows
+
+
+def format_count_table(rows: list[CountCeiling]) -> str:
+    """Markdown table: per class, linear vs non-linear AP on the glyph counts."""
+    lines = [
+        "| class | role | val positives | prevalence | linear AP | non-linear AP | gain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.role} | {r.positives} | {r.prevalence:.3f} | {r.linear_ap:.3f} | "
+            f"{r.nonlinear_ap:.3f} | {r.gain:+.3f} |"
+        )
+    by_role: dict[str, list[CountCeiling]] = {}
+    for r in rows:
+        by_role.setdefault(r.role, []).append(r)
+    for role, group in by_role.items():
+        lin = float(np.mean([r.linear_ap for r in group]))
+        non = float(np.mean([r.nonlinear_ap for r in group]))
+        lines.append(f"| **mean: {role}** | | | | {lin:.3f} | {non:.3f} | {non - lin:+.3f} |")
     return "\n".join(lines) + "\n"
