@@ -1,350 +1,414 @@
-"""LCM against the `gap` baseline on the synthetic benchmark: the README's results table.
+"""LCM against baselines and controls on both synthetic tiers: the README's "Results".
 
-Trains both architectures with the same backbone, image size, data and optimiser, for several
-seeds, and compares them three ways:
-  1. equal epochs;
-  2. equal training compute: the baseline gets as many more epochs as one LCM training step
-     costs more than one baseline step on this machine (measured side by side, same batch);
-  3. a small training set (the first N training images).
-Reported per setting: mean +/- std val mAP of the raw weights (the fixed choice; EMA is listed
-separately, never the better of the two) and mean AP of the look-alike and tiny classes.
+    python bench/compare_models.py --device cuda --jobs 8 --out bench/results/compare-gpu
+    python bench/compare_models.py --profile cpu --out bench/results/compare-cpu   # 2 cores
 
-    python bench/compare_models.py --out bench/results/compare        # full study (GPU: minutes)
-    python bench/compare_models.py --quick --out /tmp/compare-quick   # smoke run on a CPU
+Every arm trains on the same data (each tier's train split, decoded once into memory), with
+the same backbone, image size, batch, epochs and seeds, through the library's trainer
+(:func:`lcm.trainer.build_trainer` / :func:`train_step`), and is scored (mAP of the final raw
+weights) on the tier's val split after every epoch, which gives the curves.
 
-One script (a little over 300 lines) because the settings, the job scheduling and the table
-are read together when checking how a README figure was made.
+Arms: ``gap``; ``gap`` given LCM's MACs (more epochs); ``gap_mlp`` (an MLP head about as large
+as LCM's); ``lcm``; ``lcm_aux`` (LCM's auxiliary head, read from the same runs); ``lcm_sum``
+(fusion by sum); ``lcm_noctx`` (no context tokens); ``q2l``. All arms share one recipe; the
+recipe study then adds each switch alone to the plain recipe for LCM and ``gap``.
+
+Statistics per arm and tier: mean and sd over seeds, the 95% interval of the difference to
+``gap`` (paired by seed: t over the per-seed differences), the look-alike classes' AP. A run
+appends its row to ``runs.jsonl`` as it ends, so a cut-off call keeps what finished and a
+rerun skips it; ``--budget`` stops starting runs that would not fit.
+
+One script (a little over 300 lines) because the arms, the scheduling and the tables are read
+together when checking how a README figure was made.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import math
 import multiprocessing
-import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import replace
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import progress, step_time  # noqa: E402
-from lcm.config import LossConfig, ModelConfig, Params, TrainConfig  # noqa: E402
-from lcm.data.coco import prepare_coco  # noqa: E402
-from lcm.data.manifest import read_manifest, write_manifest  # noqa: E402
-from lcm.data.shard_writer import write_shards  # noqa: E402
-from lcm.data.shards import eval_loader, resolve_shards  # noqa: E402
-from lcm.data.synthetic import generate_synthetic  # noqa: E402
-from lcm.engine import fit  # noqa: E402
-from lcm.inference import predict  # noqa: E402
-from lcm.io import atomic_write_json  # noqa: E402
-from lcm.metrics import evaluate_scores  # noqa: E402
-from lcm.runtime import select_device  # noqa: E402
-from lcm.training import TrainRequest  # noqa: E402
+from bench.timing import progress  # noqa: E402
 
-log = logging.getLogger("compare")
+PROFILES: dict[str, dict[str, Any]] = {
+    # n_train, n_val, image size, epochs, seeds
+    "gpu": {"n_train": 2000, "n_val": 500, "size": 128, "epochs": 30, "seeds": 5, "batch": 128},
+    "cpu": {"n_train": 600, "n_val": 300, "size": 128, "epochs": 15, "seeds": 5, "batch": 64},
+    "smoke": {"n_train": 64, "n_val": 32, "size": 64, "epochs": 1, "seeds": 2, "batch": 32},
+}
+MODEL = {"backbone": "resnet18", "dim": 128, "heads": 8, "ffn": 256, "depth": 3, "dropout": 0.1}
+TRAIN = {"lr": 2e-3, "weight_decay": 1e-4, "ema_decay": None, "amp": "auto"}
+# The shared recipe: each switch measured by the recipe study (README "Results").
+RECIPE = {"model": {"reinit_layers": True, "prior_bias": True}, "train": {"head_lr": 2e-4}}
+SWITCHES = {
+    "head_lr": {"train": {"head_lr": 2e-4}},
+    "reinit_layers": {"model": {"reinit_layers": True}},
+    "prior_bias": {"model": {"prior_bias": True}},
+    "label_embed": {"model": {"label_embed": True}},
+}
+ARMS: dict[str, dict[str, Any]] = {
+    "gap": {"arch": "gap"},
+    "gap_eqmacs": {"arch": "gap"},  # epochs scaled by LCM's MACs / gap's
+    "gap_mlp": {"arch": "gap_mlp", "mlp_hidden": 512},
+    "lcm": {"arch": "lcm"},
+    "lcm_sum": {"arch": "lcm", "fusion": "sum"},
+    "lcm_noctx": {"arch": "lcm", "context_tokens": False},
+    "q2l": {"arch": "q2l"},
+}
+TIERS = ("context", "interaction")
 
 
-def build_data(root: Path, n_train: int, n_val: int, size: int, small: int, seed: int) -> dict:
-    """Synthetic benchmark -> prepared -> shards, plus a small-train subset; cached in root."""
-    raw = root / "raw"
-    if not (raw / "annotations" / "instances_val.json").exists():
-        generate_synthetic(
-            raw,
-            n_train=n_train,
-            n_val=n_val,
-            size=size,
-            seed=seed,
-            workers=min(8, multiprocessing.cpu_count()),
-        )
-    out = {}
-    for split in ("train", "val"):
-        prepared, shards = root / "prepared" / split, root / "shards" / split
-        if not (shards / "_info.json").exists():
-            prepare_coco(
-                raw / "annotations" / f"instances_{split}.json", raw / "images" / split, prepared
-            )
-            write_shards(prepared, raw / "images" / split, shards, max_side=None, shard_size=500)
-        out[split] = shards
-    small_shards = root / "shards" / f"train-{small}"
-    if not (small_shards / "_info.json").exists():
-        manifest = read_manifest(root / "prepared" / "train")
-        write_manifest(
-            root / "prepared" / f"train-{small}", manifest.classes, manifest.records()[:small]
-        )
-        write_shards(
-            root / "prepared" / f"train-{small}",
-            raw / "images" / "train",
-            small_shards,
-            max_side=None,
-            shard_size=500,
-        )
-    out["small"] = small_shards
-    out["meta"] = json.loads((raw / "annotations" / "synth_meta.json").read_text())
+@dataclass(frozen=True)
+class Job:
+    tier: str
+    arm: str
+    recipe: str  # "recipe" (the shared one), "plain" or "plain+<switch>"
+    seed: int
+    epochs: int
+    batch: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.tier}|{self.arm}|{self.recipe}|{self.seed}"
+
+
+def _merge(*parts: dict) -> dict:
+    out: dict = {}
+    for part in parts:
+        for section, values in part.items():
+            out[section] = {**out.get(section, {}), **values}
     return out
 
 
-def group_ap(per_class: dict[str, float], names: list[str]) -> float:
-    vals = [per_class[n] for n in names if per_class.get(n) is not None]
-    return float(np.mean(vals)) if vals else float("nan")
+def job_params(job: Job, size: int, device: str) -> Any:
+    from lcm.config import params_from_dict
+
+    recipe = RECIPE if job.recipe == "recipe" else {}
+    if job.recipe.startswith("plain+"):
+        recipe = SWITCHES[job.recipe.split("+", 1)[1]]
+    base = {
+        "model": {**MODEL, **ARMS[job.arm]},
+        "train": {**TRAIN, "epochs": job.epochs, "batch_size": job.batch, "image_size": size,
+                  "seed": job.seed, "device": device},
+        "loss": {"beta": 0.1 if job.arm.startswith("lcm") else 0.0},
+    }  # fmt: skip
+    return params_from_dict(_merge(base, recipe))
 
 
-def run_one(params: Params, train: Path, val: Path, out: Path, meta: dict) -> dict:
-    """Train one model (no per-epoch validation), then evaluate raw and EMA weights on val."""
-    from lcm.checkpoint import load_for_inference
+def gmacs(arm: str, size: int, num_classes: int) -> float:
+    import torch
 
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s [{out.name}] %(message)s", force=True
-    )
-    device = select_device(params.train.device)
+    from lcm.config import ModelConfig
+    from lcm.models.complexity import count_macs
+    from lcm.models.registry import build_model
+
+    with torch.device("meta"):
+        model = build_model(ModelConfig(**{**MODEL, **ARMS[arm]}), num_classes)
+    return count_macs(model, size)[0] / 1e9
+
+
+# --------------------------------------------------------------------------------------- data
+def build_tier(data: Path, tier: str, n_train: int, n_val: int, size: int) -> Path:
+    """The tier's benchmark, decoded and resized once: ``tensors.pt`` (uint8 images, targets,
+    classes, roles). Cached: reused when it exists."""
+    import torch
+
+    from lcm.data.coco import prepare_coco
+    from lcm.data.manifest import read_manifest, resolve_image, targets_from_lists
+    from lcm.data.synthetic import generate_synthetic
+    from lcm.data.transforms import decode_image, eval_transform
+
+    out = data / tier / "tensors.pt"
+    if out.exists():
+        return out
+    raw = data / tier / "raw"
+    generate_synthetic(raw, n_train=n_train, n_val=n_val, size=size, seed=0, tier=tier,
+                       workers=min(8, multiprocessing.cpu_count()))  # fmt: skip
+    meta = json.loads((raw / "annotations" / "synth_meta.json").read_text())
+    doc: dict[str, Any] = {"roles": {c["name"]: c["role"] for c in meta["classes"]}}
+    preset = eval_transform(size)
+    for split in ("train", "val"):
+        images = raw / "images" / split
+        prepared = data / tier / "prepared" / split
+        prepare_coco(raw / "annotations" / f"instances_{split}.json", images, prepared)
+        manifest = read_manifest(prepared)
+        t = manifest.table
+        doc[f"{split}_x"] = torch.stack([
+            preset.pixels(decode_image(resolve_image(images, p).read_bytes()))
+            for p in t.column("path").to_pylist()
+        ])  # fmt: skip  # (N, 3, S, S) uint8
+        doc[f"{split}_y"] = torch.from_numpy(targets_from_lists(
+            t.column("labels").to_pylist(), t.column("ignore").to_pylist(), manifest.num_classes
+        ))  # fmt: skip
+        doc["classes"] = list(manifest.classes)
+    torch.save(doc, out)
+    return out
+
+
+@lru_cache(maxsize=2)
+def _tensors(path: str, device: str) -> dict[str, Any]:
+    import torch
+
+    doc = torch.load(path, weights_only=True)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in doc.items()}
+
+
+# ---------------------------------------------------------------------------------------- run
+def run_job(job: Job, data_file: str, size: int, device_name: str) -> dict[str, Any]:
+    """Train one arm in memory; val mAP (and the aux head's) after every epoch."""
+    import torch
+
+    from lcm.data.transforms import normalize
+    from lcm.metrics import evaluate_scores
+    from lcm.runtime import autocast, seed_everything, select_device
+    from lcm.trainer import TensorBatch, build_trainer, train_step
+
+    torch.set_num_threads(1)
+    device = select_device(device_name)
+    d = _tensors(data_file, str(device))
+    classes = d["classes"]
+    params = job_params(job, size, device.type)
+    cfg = params.train
+    x, y = d["train_x"], d["train_y"]
+    steps = x.shape[0] // cfg.batch_size
+    known = (y >= 0).float()
+    priors = ((y == 1).float().sum(0) / known.sum(0).clamp(min=1)).tolist()
+    seed_everything(job.seed)
+    state = build_trainer(params.model, params.loss, cfg, len(classes), steps * cfg.epochs,
+                          device, priors=priors)  # fmt: skip
+    gen = torch.Generator(device="cpu").manual_seed(job.seed)
+    curve, aux_curve = [], []
     t0 = time.perf_counter()
-    result = fit(TrainRequest(params, str(train), out))
-    seconds = time.perf_counter() - t0
-
-    row = {"seconds": seconds, "epochs": params.train.epochs, "history": result.history}
-    loader = eval_loader(
-        resolve_shards(val),
-        batch_size=256,
-        image_size=params.train.image_size,
-        num_workers=params.train.num_workers,
-    )
-    for which in ("raw", "ema"):
-        loaded = load_for_inference(out, which, device)
-        model, m = loaded.model, loaded.meta
-        _, scores, targets = predict(model, loader, device)
-        res = evaluate_scores(scores, targets, m.classes)
-        per_class = {c.name: c.ap for c in res.per_class}
-        lookalikes = [n for pair in meta["lookalike_pairs"] for n in pair["classes"]]
-        row[which] = {
-            "mAP": res.mAP,
-            "lookalike_AP": group_ap(per_class, lookalikes),
-            "tiny_AP": group_ap(per_class, list(meta["tiny_classes"])),
-            "per_class": per_class,
-        }
+    for _ in range(cfg.epochs):
+        state.model.train()
+        order = torch.randperm(x.shape[0], generator=gen)
+        flips = torch.rand(x.shape[0], generator=gen) < 0.5
+        for b in range(steps):
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            px = x[idx.to(x.device)]
+            flip = flips[idx].to(x.device)[:, None, None, None]
+            px = torch.where(flip, px.flip(-1), px)
+            train_step(state, TensorBatch(normalize(px), y[idx.to(y.device)]))
+        state.model.eval()
+        main, aux = [], []
+        with torch.no_grad(), autocast(device, state.dtype):
+            for lo in range(0, d["val_x"].shape[0], 256):
+                out = state.model(normalize(d["val_x"][lo : lo + 256]))
+                main.append(out.logits.float().cpu())
+                if out.aux_logits is not None:
+                    aux.append(out.aux_logits.float().cpu())
+        targets = d["val_y"].cpu().numpy()
+        res = evaluate_scores(torch.cat(main).numpy(), targets, classes)
+        curve.append(res.mAP)
+        if aux:
+            aux_curve.append(evaluate_scores(torch.cat(aux).numpy(), targets, classes).mAP)
+    per_class = {c.name: c.ap for c in res.per_class}
+    row = {"key": job.key, **job.__dict__, "mAP": curve[-1], "curve": curve,
+           "per_class": per_class, "seconds": time.perf_counter() - t0}  # fmt: skip
+    if aux_curve:
+        aux_res = evaluate_scores(torch.cat(aux).numpy(), targets, classes)
+        row |= {"aux_mAP": aux_curve[-1], "aux_curve": aux_curve,
+                "aux_per_class": {c.name: c.ap for c in aux_res.per_class}}  # fmt: skip
     return row
 
 
-def summarise(rows: list[dict], key: str, which: str = "raw") -> str:
-    vals = np.array([100 * r[which][key] for r in rows], dtype=float)
-    sd = float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return f"{float(np.nanmean(vals)):.1f} ± {sd:.1f}"
+def _run_packed(args: tuple) -> dict[str, Any]:
+    return run_job(*args)
 
 
-def write_table(args: argparse.Namespace, plan: list, runs: dict, ratio: float, device) -> str:
-    order = [f"{setting}|{arch}" for arch, setting, _, _ in plan]
-    runs = {k: sorted(runs[k], key=lambda r: r["seed"]) for k in order if k in runs}
+# ------------------------------------------------------------------------------------- report
+def _stats(values: list[float]) -> tuple[float, float]:
+    arr = 100 * np.asarray(values)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
-    lines = [
-        f"Synthetic benchmark, {args.n_train} train / {args.n_val} val images at {args.size} px, "
-        f"{args.backbone} from scratch, batch {args.batch_size}, AdamW + OneCycle lr {args.lr}, "
-        f"seeds {args.seeds}, {args.jobs} runs at a time on {_device_name(device)}; "
-        f"mAP of the final weights on the {args.n_val} val images.",
-        f"Equal compute: one LCM step costs {ratio:.2f}x a gap step here, so gap trains "
-        f"{max(1, round(args.epochs * ratio))} epochs against LCM's {args.epochs}.",
-        "",
-        "| setting | model | epochs | mAP (raw) | mAP (EMA) | look-alike AP | tiny AP "
-        "| train time (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key, rows in runs.items():
-        setting, arch = key.split("|")
-        secs = statistics.mean(r["seconds"] for r in rows)
-        lines.append(
-            f"| {setting} | {arch} | {rows[0]['epochs']} | {summarise(rows, 'mAP')} | "
-            f"{summarise(rows, 'mAP', 'ema')} | {summarise(rows, 'lookalike_AP')} | "
-            f"{summarise(rows, 'tiny_AP')} | {secs:.0f} |"
-        )
-    table = "\n".join(lines)
-    (args.out / "table.md").write_text(table + "\n")
+
+def _diff_ci(rows: list[dict], base: list[dict], key: str) -> str:
+    from scipy import stats
+
+    by_seed = {r["seed"]: r["mAP"] for r in base}
+    diffs = [100 * (r[key] - by_seed[r["seed"]]) for r in rows if r["seed"] in by_seed]
+    if len(diffs) < 2:
+        return "-"
+    m, sd = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
+    half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return f"{m:+.1f} [{m - half:+.1f}, {m + half:+.1f}]"
+
+
+def _lookalike_ap(row: dict, roles: dict[str, str], key: str = "per_class") -> float:
+    vals = [v for n, v in row[key].items() if roles.get(n) == "lookalike" and v is not None]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def write_report(out: Path, rows: list[dict], roles: dict[str, dict], info: dict) -> str:
+    lines = [info["header"], ""]
+    for tier in TIERS:
+        tier_rows = [r for r in rows if r["tier"] == tier]
+        if not tier_rows:
+            continue
+        base = [r for r in tier_rows if r["arm"] == "gap" and r["recipe"] == "recipe"]
+        lines += [f"### {tier} tier", "",
+                  "| arm | seeds | epochs | GMACs / image | mAP | Δ mAP vs gap [95% CI] | "
+                  "look-alike AP |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for arm in [*ARMS, "lcm_aux"]:
+            src = "lcm" if arm == "lcm_aux" else arm
+            arm_rows = [r for r in tier_rows if r["arm"] == src and r["recipe"] == "recipe"]
+            if not arm_rows:
+                continue
+            key, pc = ("aux_mAP", "aux_per_class") if arm == "lcm_aux" else ("mAP", "per_class")
+            m, sd = _stats([r[key] for r in arm_rows])
+            la = _stats([_lookalike_ap(r, roles[tier], pc) for r in arm_rows])
+            lines.append(
+                f"| {arm} | {len(arm_rows)} | {arm_rows[0]['epochs']} | "
+                f"{info['gmacs'][src]:.3f} | {m:.1f} ± {sd:.1f} | "
+                f"{_diff_ci(arm_rows, base, key) if arm != 'gap' else '-'} | "
+                f"{la[0]:.1f} ± {la[1]:.1f} |"
+            )
+        lines.append("")
+    study = [r for r in rows if r["recipe"] != "recipe"]
+    if study:
+        lines += ["### recipe study (interaction tier)", "",
+                  "| arm | recipe | seeds | mAP | Δ vs plain [95% CI] | look-alike AP |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for arm in ("lcm", "gap"):
+            plain = [r for r in study if r["arm"] == arm and r["recipe"] == "plain"]
+            for recipe in ["plain", *(f"plain+{s}" for s in SWITCHES), "recipe"]:
+                pool = study + [r for r in rows if r["tier"] == "interaction"]
+                sel = [r for r in pool if r["arm"] == arm and r["recipe"] == recipe
+                       and r["tier"] == "interaction"]  # fmt: skip
+                sel = list({r["key"]: r for r in sel}.values())
+                if not sel:
+                    continue
+                m, sd = _stats([r["mAP"] for r in sel])
+                la = _stats([_lookalike_ap(r, roles["interaction"]) for r in sel])
+                diff = _diff_ci(sel, plain, "mAP") if recipe != "plain" else "-"
+                lines.append(f"| {arm} | {recipe} | {len(sel)} | {m:.1f} ± {sd:.1f} | {diff} | "
+                             f"{la[0]:.1f} ± {la[1]:.1f} |")  # fmt: skip
+    table = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(table)
+    _plot_curves(out, rows)
     return table
 
 
-def _names(pending: list) -> list[str]:
-    return [f"{s.replace(' ', '-')}-{a}-s{seed}" for _, (a, s, _, _, seed) in pending]
+def _plot_curves(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TIERS), figsize=(11, 4), sharey=False)
+    for ax, tier in zip(np.atleast_1d(axes), TIERS, strict=True):
+        for arm in ("gap", "gap_mlp", "lcm", "q2l"):
+            sel = [
+                r["curve"]
+                for r in rows
+                if r["tier"] == tier and r["arm"] == arm and r["recipe"] == "recipe"
+            ]
+            if not sel:
+                continue
+            curves = 100 * np.asarray([c for c in sel if len(c) == len(sel[0])])
+            epochs = np.arange(1, curves.shape[1] + 1)
+            ax.plot(epochs, curves.mean(0), label=f"{arm} ({len(curves)} seeds)")
+            ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.15)
+        ax.set(title=f"{tier} tier", xlabel="epoch", ylabel="val mAP (raw weights)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+# --------------------------------------------------------------------------------------- main
+def plan(args: argparse.Namespace, ratio: float) -> list[Job]:
+    """Every run: the comparison, then the recipe study, each seed-major so that a cut-off
+    call has whole seeds of every arm."""
+    jobs = []
+    eq_epochs = max(args.epochs, round(args.epochs * ratio))
+    for seed in range(args.seeds):
+        for tier in args.tiers:
+            for arm in args.arms:
+                epochs = eq_epochs if arm == "gap_eqmacs" else args.epochs
+                jobs.append(Job(tier, arm, "recipe", seed, epochs, args.batch))
+    for seed in range(args.seeds if args.study and "interaction" in args.tiers else 0):
+        for arm in ("lcm", "gap"):
+            for recipe in ["plain", *(f"plain+{s}" for s in SWITCHES)]:
+                if arm == "gap" and recipe in ("plain+reinit_layers", "plain+label_embed"):
+                    continue  # nothing for these switches to act on
+                jobs.append(Job("interaction", arm, recipe, seed, args.epochs, args.batch))
+    return jobs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare")
-    ap.add_argument("--data", type=Path, default=None, help="data cache (default OUT/data)")
-    ap.add_argument("--runs-dir", type=Path, default=None, help="model dirs (default OUT/runs)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--n-train", type=int, default=4000)
-    ap.add_argument("--n-val", type=int, default=1000)
-    ap.add_argument("--small", type=int, default=1000)
-    ap.add_argument("--size", type=int, default=96)
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=None, help="default: 2 * dim")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument(
-        "--small-epochs",
-        type=int,
-        default=None,
-        help="epochs on the small set (default: as many steps as the full set)",
-    )
-    ap.add_argument("--jobs", type=int, default=1, help="runs at once (one GPU fits several)")
-    ap.add_argument("--parts", nargs="+", default=["epochs", "compute", "small"])
-    ap.add_argument("--quick", action="store_true", help="tiny smoke settings")
-    ap.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        help="seconds: runs whose estimate no longer fits are skipped (listed in runs.json)",
-    )
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (a GPU fits several)")
+    ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=TIERS)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--no-study", dest="study", action="store_false")
+    ap.add_argument("--budget", type=float, default=None, help="seconds; later runs skipped")
+    ap.add_argument("--data", type=Path, default=None, help="data cache [default: OUT/data]")
+    for name in ("n_train", "n_val", "size", "epochs", "seeds", "batch"):
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     args = ap.parse_args()
+    for name, value in PROFILES[args.profile].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     started = time.perf_counter()
-    if args.quick:
-        args.seeds, args.epochs, args.n_train, args.n_val, args.small = [0, 1], 1, 256, 128, 128
-        args.batch_size, args.dim, args.size = 32, 64, 64
-    if args.ffn is None:
-        args.ffn = 2 * args.dim
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    data = build_data(
-        args.data or args.out / "data", args.n_train, args.n_val, args.size, args.small, seed=0
-    )
+    import torch
+
+    from lcm.runtime import select_device
+
     device = select_device(args.device)
-    base = Params(
-        model=ModelConfig(
-            arch="lcm", backbone=args.backbone, dim=args.dim, heads=8, ffn=2 * args.dim, depth=3
-        ),
-        loss=LossConfig(),
-        train=TrainConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            image_size=args.size,
-            lr=args.lr,
-            device=args.device,
-            num_workers=args.workers,
-            ema_decay=0.998,
-        ),
-    )
-
-    def params_for(arch: str, seed: int, epochs: int) -> Params:
-        return replace(
-            base,
-            model=replace(base.model, arch=arch),
-            train=replace(base.train, seed=seed, epochs=epochs),
-        )
-
-    # One step of each architecture, side by side: the exchange rate for "equal compute".
-    classes = len(data["meta"]["classes"])
-    t_lcm, t_gap = (
-        step_time(p.model, p.loss, p.train, classes, 6, device)
-        for p in (params_for("lcm", 0, 1), params_for("gap", 0, 1))
-    )
-    ratio = t_lcm / t_gap
-    log.info("training step: lcm %.4f s, gap %.4f s, ratio %.2f", t_lcm, t_gap, ratio)
-
-    runs: dict[str, list[dict]] = {}
-    plan = []
-    if "epochs" in args.parts:
-        plan += [
-            ("lcm", "equal epochs", data["train"], args.epochs),
-            ("gap", "equal epochs", data["train"], args.epochs),
-        ]
-    if "compute" in args.parts:
-        plan += [("gap", "equal compute", data["train"], max(1, round(args.epochs * ratio)))]
-    small_epochs = args.small_epochs or max(1, round(args.epochs * args.n_train / args.small))
-    if "small" in args.parts:
-        plan += [
-            ("lcm", f"{args.small} train images", data["small"], small_epochs),
-            ("gap", f"{args.small} train images", data["small"], small_epochs),
-        ]
-    jobs = [
-        (arch, setting, train, epochs, seed)
-        for arch, setting, train, epochs in plan
-        for seed in args.seeds
-    ]
-    step_s = {"lcm": t_lcm, "gap": t_gap}
-    sizes = {data["train"]: args.n_train, data["small"]: args.small}
-
-    observed: list[float] = []  # wall seconds / estimate of the finished runs
-
-    def estimate(arch: str, train: Path, epochs: int) -> float:
-        """Seconds of one run: its steps at the measured step time, plus 30 % for loading
-        and evaluation, corrected by how the finished runs compared with their estimates
-        (process start, evaluation); a guide for --budget, printed beside every run."""
-        return raw_estimate(arch, train, epochs) * (
-            statistics.median(observed) if observed else 1.0
-        )
-
-    def raw_estimate(arch: str, train: Path, epochs: int) -> float:
-        return 1.3 * epochs * (sizes[train] // args.batch_size) * step_s[arch]
-
-    total = sum(estimate(a, t, e) for a, _, t, e, _ in jobs) / args.jobs
-    progress(
-        f"{len(jobs)} runs, about {total:.0f} s at {args.jobs} at a time on {_device_name(device)}"
-    )
-    results = args.out / "runs.json"
-    skipped: list[str] = []
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    data_dir = args.data or args.out / "data"
+    data = {t: str(build_tier(data_dir, t, args.n_train, args.n_val, args.size))
+            for t in args.tiers}  # fmt: skip
+    n_cls = {t: len(torch.load(f, weights_only=True)["classes"]) for t, f in data.items()}
+    macs = {a: gmacs(a, args.size, n_cls[args.tiers[0]]) for a in ARMS}
+    ratio = macs["lcm"] / macs["gap"]
+    results = args.out / "runs.jsonl"
+    done = {}
+    if results.exists():
+        done = {r["key"]: r for r in map(json.loads, results.read_text().splitlines())}
+    todo = [j for j in plan(args, ratio) if j.key not in done]
+    progress(f"{len(todo)} runs to do ({len(done)} done before) on {name}, {args.jobs} at a time")
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        futures: dict = {}
-        pending = list(enumerate(jobs, start=1))
-
-        def submit_next() -> None:
-            while pending and len(futures) < args.jobs:
-                i, (arch, setting, train, epochs, seed) = pending.pop(0)
-                name = f"{setting.replace(' ', '-')}-{arch}-s{seed}"
-                est = estimate(arch, train, epochs)
-                left = args.budget - (time.perf_counter() - started) if args.budget else None
-                if left is not None and est > left:
-                    skipped.append(name)
-                    progress(f"[{i}/{len(jobs)}] skip {name}: ~{est:.0f} s > {left:.0f} s left")
-                    continue
-                progress(f"[{i}/{len(jobs)}] start {name} ({epochs} epochs, ~{est:.0f} s)")
-                fut = pool.submit(
-                    run_one,
-                    params_for(arch, seed, epochs),
-                    train,
-                    data["val"],
-                    (args.runs_dir or args.out / "runs") / name,
-                    data["meta"],
-                )
-                raw = raw_estimate(arch, train, epochs)
-                futures[fut] = (arch, setting, seed, name, i, raw, time.perf_counter())
-
-        submit_next()
-        while futures:
-            fut = next(as_completed(futures))
-            arch, setting, seed, name, i, raw, t_submit = futures.pop(fut)
-            row = fut.result()
-            if args.jobs == 1:  # with several at once the wall time includes waiting
-                observed.append((time.perf_counter() - t_submit) / max(raw, 1e-3))
-            row.update(arch=arch, setting=setting, seed=seed)
-            progress(
-                f"[{i}/{len(jobs)}] done {name}: mAP {row['raw']['mAP']:.4f} "
-                f"(EMA {row['ema']['mAP']:.4f}) in {row['seconds']:.0f} s"
-            )
-            runs.setdefault(f"{setting}|{arch}", []).append(row)
-            atomic_write_json(
-                results,
-                {"runs": runs, "skipped": skipped, "not_started": _names(pending)},
-                indent=1,
-            )
-            write_table(args, plan, runs, ratio, device)
-            submit_next()
-    atomic_write_json(results, {"runs": runs, "skipped": skipped}, indent=1)
-    if skipped:
-        progress(f"skipped for the budget: {', '.join(skipped)}")
-    print(write_table(args, plan, runs, ratio, device))
+    with ctx.Pool(args.jobs) as pool, results.open("a") as sink:
+        pending = [(j, data[j.tier], args.size, str(device)) for j in todo]
+        it = pool.imap_unordered(_run_packed, pending)
+        for k, row in enumerate(it, 1):
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            done[row["key"]] = row
+            progress(f"[{k}/{len(todo)}] {row['key']}: mAP {100 * row['mAP']:.1f} "
+                     f"({row['seconds']:.0f} s)")  # fmt: skip
+            if args.budget and time.perf_counter() - started > args.budget:
+                progress("budget spent: stopping; rerun to continue")
+                pool.terminate()
+                break
+    roles = {t: torch.load(f, weights_only=True)["roles"] for t, f in data.items()}
+    header = (
+        f"{args.n_train} train / {args.n_val} val images per tier at {args.size} px, ResNet-18 "
+        f"from scratch, batch {args.batch}, AdamW + OneCycle lr {TRAIN['lr']}, "
+        f"{args.epochs} epochs (gap_eqmacs: x{ratio:.2f} by MACs), seeds 0-{args.seeds - 1}, "
+        f"on {name}; mAP of the final raw weights. Shared recipe: {json.dumps(RECIPE)}. "
+        f"Wall time {time.perf_counter() - started:.0f} s."
+    )
+    print(write_report(args.out, list(done.values()), roles, {"header": header, "gmacs": macs}))
 
 
 if __name__ == "__main__":
