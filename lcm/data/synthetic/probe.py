@@ -48,7 +48,7 @@ def _features(model: torch.nn.Module, shards: Path, image_size: int) -> tuple:
 def probe_backbone(
     raw: Path,
     *,
-    epochs: int = 4,
+    epochs: int = 3,
     image_size: int | None = None,
     seed: int = 0,
     progress: ProgressCallback | None = None,
