@@ -269,7 +269,9 @@ def build_trainer(
     if dist is not None and dist.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
             model,
-            find_unused_parameters=loss_cfg.alpha == 0,  # aux head then gets no gradient
+            # the aux head gets no gradient with alpha 0, the context prototypes none
+            # without context tokens
+            find_unused_parameters=loss_cfg.alpha == 0 or not model_cfg.context_tokens,
         )
     if train_cfg.compile:
         net = torch.compile(net)

@@ -93,7 +93,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(tiny_data, tmp_path):
+def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(tiny_data, tmp_path, prefect_api):
     params_file = write_params(tmp_path / "params.yaml", train={"checkpoint_every": 2})
     reference = fit(_request(load_params(params_file), tiny_data, tmp_path / "reference"))
 
@@ -110,7 +110,7 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(tiny_data, tmp
         str(out),
         "--no-live",
     ]
-    env = cli_env(tmp_path)
+    env = cli_env(tmp_path, prefect_api)
     proc = subprocess.Popen(
         lcm_cmd(*args),
         env=env,
@@ -137,7 +137,7 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(tiny_data, tmp
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_disjoint_equal_steps(tiny_data, tmp_path):
+def test_ddp_two_processes_disjoint_equal_steps(tiny_data, tmp_path, prefect_api):
     """`lcm train --nproc 2` goes through the Prefect flow, which starts two ranks of
     `python -m lcm.train_rank` with torchrun."""
     params_file = write_params(tmp_path / "params.yaml", train={"epochs": 1})
@@ -157,7 +157,7 @@ def test_ddp_two_processes_disjoint_equal_steps(tiny_data, tmp_path):
         "--nproc",
         "2",
     )
-    env = {**cli_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**cli_env(tmp_path, prefect_api), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "trained" in done.stdout  # the CLI got the history back from the flow

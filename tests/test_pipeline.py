@@ -172,7 +172,7 @@ def _voc_dataset(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_pipeline_on_voc(tmp_path):
+def test_dvc_repro_runs_the_pipeline_on_voc(tmp_path, prefect_api):
     """`dvc repro predict` on a VOC layout: prepare, shard, mask, train, evaluate, predict."""
     project = tmp_path / "project"
     project.mkdir()
@@ -195,7 +195,7 @@ def test_dvc_repro_runs_the_pipeline_on_voc(tmp_path):
         evaluate={"batch_size": 16, "weights": "raw"},
         predict={"run_id": "val", "batch_size": 16, "weights": "raw"},
     )
-    env = cli_env(tmp_path)
+    env = cli_env(tmp_path, prefect_api)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_SITE_CACHE_DIR"] = str(tmp_path / "dvc-site-cache")
     env["DVC_NO_ANALYTICS"] = "1"
