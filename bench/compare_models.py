@@ -287,6 +287,22 @@ def write_report(out: Path, rows: list[dict], roles: dict[str, dict], info: dict
                 f"{la[0]:.1f} ± {la[1]:.1f} |"
             )
         lines.append("")
+    for tier in TIERS:  # per-class AP of the look-alikes, the classes the tiers are about
+        names = [n for n, role in roles.get(tier, {}).items() if role == "lookalike"]
+        present = {r["arm"] for r in rows if r["tier"] == tier}
+        arms = [a for a in [*ARMS, "lcm_aux"] if a.replace("_aux", "") in present]
+        if not names or not arms:
+            continue
+        lines += [f"### look-alike AP per class, {tier} tier (mean over seeds)", "",
+                  "| arm | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+        for arm in arms:
+            src, pc = ("lcm", "aux_per_class") if arm == "lcm_aux" else (arm, "per_class")
+            sel = [r for r in rows if r["tier"] == tier and r["arm"] == src
+                   and r["recipe"] == "recipe" and pc in r]  # fmt: skip
+            if sel:
+                cells = [f"{100 * np.mean([r[pc][n] for r in sel]):.1f}" for n in names]
+                lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
     study = [r for r in rows if r["recipe"] != "recipe"]
     if study:
         lines += ["### recipe study (interaction tier)", "",
