@@ -141,10 +141,11 @@ def build_tier(data: Path, tier: str, n_train: int, n_val: int, size: int) -> Pa
     from lcm.data.synthetic import generate_synthetic
     from lcm.data.transforms import decode_image, eval_transform
 
-    out = data / tier / "tensors.pt"
+    root = data / f"{tier}-{n_train}-{n_val}-{size}px"  # a cache per data setting
+    out = root / "tensors.pt"
     if out.exists():
         return out
-    raw = data / tier / "raw"
+    raw = root / "raw"
     generate_synthetic(raw, n_train=n_train, n_val=n_val, size=size, seed=0, tier=tier,
                        workers=min(8, multiprocessing.cpu_count()))  # fmt: skip
     meta = json.loads((raw / "annotations" / "synth_meta.json").read_text())
@@ -152,7 +153,7 @@ def build_tier(data: Path, tier: str, n_train: int, n_val: int, size: int) -> Pa
     preset = eval_transform(size)
     for split in ("train", "val"):
         images = raw / "images" / split
-        prepared = data / tier / "prepared" / split
+        prepared = root / "prepared" / split
         prepare_coco(raw / "annotations" / f"instances_{split}.json", images, prepared)
         manifest = read_manifest(prepared)
         t = manifest.table
@@ -258,7 +259,11 @@ def _diff_ci(rows: list[dict], base: list[dict], key: str) -> str:
 
 
 def _lookalike_ap(row: dict, roles: dict[str, str], key: str = "per_class") -> float:
-    vals = [v for n, v in row[key].items() if roles.get(n) == "lookalike" and v is not None]
+    vals = [
+        v
+        for n, v in row[key].items()
+        if roles.get(n) == "lookalike" and v is not None and not math.isnan(v)
+    ]
     return float(np.mean(vals)) if vals else float("nan")
 
 
@@ -409,6 +414,14 @@ def main() -> None:
     macs = {t: {a: gmacs(a, args.size, n_cls[t]) for a in ARMS} for t in args.tiers}
     ratio = max(m["lcm"] / m["gap"] for m in macs.values())
     results = args.out / "runs.jsonl"
+    settings = {k: getattr(args, k) for k in ("n_train", "n_val", "size", "epochs", "batch")}
+    settings_file = args.out / "settings.json"
+    if results.exists() and settings_file.exists():
+        before = json.loads(settings_file.read_text())
+        if before != settings:
+            raise SystemExit(f"{args.out} holds runs made with {before}, not {settings}; "
+                             "use another --out")  # fmt: skip
+    settings_file.write_text(json.dumps(settings) + "\n")
     done = {}
     if results.exists():
         done = {r["key"]: r for r in map(json.loads, results.read_text().splitlines())}

@@ -94,7 +94,7 @@ def fit(
     total_steps = steps_per_epoch * cfg.epochs
 
     seed_everything(cfg.seed)
-    priors = label_priors((shard_paths, info)) if params.model.prior_bias else None
+    priors = label_priors((shard_paths, info), mask) if params.model.prior_bias else None
     state = build_trainer(
         params.model, params.loss, cfg, len(classes), total_steps, device, dist=dist,
         priors=priors,

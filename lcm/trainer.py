@@ -225,6 +225,13 @@ class TrainState:
         unwrap(self.model).load_state_dict(state["model"])
         # the saved param groups carry fused / foreach; this run's train config decides them
         kernels = {k: self.opt.param_groups[0][k] for k in ("fused", "foreach")}
+        saved = len(state["optimizer"]["param_groups"])
+        if saved != len(self.opt.param_groups):
+            raise ConfigError(
+                f"the checkpoint's optimiser has {saved} parameter groups, this run "
+                f"{len(self.opt.param_groups)}: train.head_lr was switched since; resume with "
+                "the checkpoint's setting"
+            )
         self.opt.load_state_dict(state["optimizer"])
         for group in self.opt.param_groups:
             group.update(kernels)

@@ -94,7 +94,19 @@ def test_label_embedding_and_context_free_control_change_the_head_only():
         assert mlp(x).logits.shape == (2, 5)
 
 
-def test_label_priors_count_known_targets(tiny_data):
+def test_resume_refuses_a_changed_head_lr():
+    from lcm.errors import ConfigError
+
+    def trainer(head_lr):
+        cfg = TrainConfig(device="cpu", ema_decay=None, head_lr=head_lr)
+        return build_trainer(ModelConfig(**TINY), LossConfig(), cfg, 5, 10, torch.device("cpu"))
+
+    saved = trainer(None).state_dict()
+    with pytest.raises(ConfigError, match="head_lr"):
+        trainer(1e-4).load_state_dict(saved)
+
+
+def test_label_priors_count_known_targets(tiny_data, tmp_path):
     from lcm.data.manifest import read_manifest, targets_from_lists
 
     manifest = read_manifest(tiny_data.prepared_train)
@@ -104,3 +116,10 @@ def test_label_priors_count_known_targets(tiny_data):
     )
     want = (targets == 1).sum(0) / (targets != -1).sum(0)
     assert np.allclose(label_priors(tiny_data.train), want)
+    from lcm.data.masks import make_mask, read_mask
+
+    mask_file = make_mask(tiny_data.prepared_train, 0.5, 1, tmp_path / "m.parquet").path
+    known = read_mask(mask_file)
+    seen = np.stack([known[k] for k in t.column("key").to_pylist()]) & (targets != -1)
+    want = ((targets == 1) & seen).sum(0) / seen.sum(0)  # hidden labels leak nothing
+    assert np.allclose(label_priors(tiny_data.train, mask_file), want)

@@ -95,6 +95,9 @@ def resolve_shards(spec: str | Path) -> tuple[list[Any], ShardInfo]:
     describe that subset, in the directory's order.
     """
     text = str(spec)
+    if text.startswith("file://"):  # a local path in URL form
+        text = text.removeprefix("file://")
+        spec = text
     if is_url(text) or has_braces(text):
         members = expand(text) if has_braces(text) else [text]
         remote = [is_url(m) for m in members]
@@ -178,22 +181,30 @@ def is_remote(locations: Sequence[Any]) -> bool:
     return bool(locations) and isinstance(locations[0], str)
 
 
-def label_priors(shards: ShardSource) -> np.ndarray:
-    """(C,) each class's share of positives among its known targets, from the samples'
-    metadata (local shards: the .json members only; URLs: streamed)."""
+def label_priors(shards: ShardSource, mask: Path | None = None) -> np.ndarray:
+    """(C,) each class's share of positives among the targets training may see: the
+    samples' labels (local shards: the .json members only; URLs: streamed), with what the
+    manifest or the partial-label ``mask`` hides counted as unknown."""
     paths, info = _resolve(shards)
+    labels = check_mask_matches(mask, paths, info) if mask is not None else None
     pos = np.zeros(info.num_classes)
-    unknown = np.zeros(info.num_classes)
-    n = 0
+    known = np.zeros(info.num_classes)
     for path, entry in zip(paths, info.shards, strict=True):
         for key, meta in _metadata(path, entry.count):
+            row = np.zeros(info.num_classes)
+            seen = np.ones(info.num_classes, dtype=bool)
             try:
-                pos[meta["labels"]] += 1
-                unknown[meta.get("ignore", [])] += 1
+                row[meta["labels"]] = 1.0
+                seen[meta.get("ignore", [])] = False
             except (KeyError, IndexError, TypeError) as e:
                 raise DataError(f"{path}: sample {key!r} has bad labels ({e!r})") from e
-            n += 1
-    return pos / np.maximum(n - unknown, 1)
+            if labels is not None:
+                if key not in labels:
+                    raise DataError(f"{labels.path}: has no row for {path}: sample {key!r}")
+                seen &= labels[key]
+            pos += row * seen
+            known += seen
+    return pos / np.maximum(known, 1)
 
 
 def _metadata(path: Any, count: int) -> Iterator[tuple[str, dict]]:

@@ -23,8 +23,8 @@ Unlike local mode, ranks split shards rather than samples, and a sample can be s
 not at all in an epoch when the shards do not divide evenly between the pairs.
 
 Evaluation makes exactly the local mode's batches: worker ``w`` takes a contiguous run of
-them (starting near a shard's start) and streams from the shard its run begins in, reading
-past the samples before it. With
+them (starting at a shard's first whole batch) and streams from the shard its run begins
+in, reading past the samples before it. With
 several workers the batches arrive interleaved, not in shard order; their contents, and so
 every score, are those of the local mode.
 """
@@ -106,6 +106,10 @@ class StreamingTrainStream(_StreamingBase):
     def batches(self, wid: int, nw: int) -> Iterator[tuple[int, list[Sample], np.ndarray]]:
         plan = self.plan
         assert isinstance(plan, TrainPlan)
+        # The DataLoader takes worker 0's batch first, so when resuming at ``first`` worker 0
+        # must play the worker whose batches include ``first``: the roles rotate, the
+        # batches (and the shards and seed of each role) stay those of the full epoch.
+        wid = (wid + self.first) % nw
         pairs = self.world_size * nw
         pair = plan.rank * nw + wid
         order = plan.order.tolist()
@@ -130,12 +134,15 @@ class StreamingTrainStream(_StreamingBase):
         """Exactly ``need`` samples: ``mine`` in order, again from the start if needed."""
         given = 0
         while given < need:
+            before = given
             for s in mine:
                 for item in self._shard(s):
                     yield item
                     given += 1
                     if given == need:
                         return
+            if given == before:
+                raise DataError(f"{self.paths[mine[0]]}: these shards hold no samples")
 
 
 def _shuffled(items: Iterator[Streamed], size: int, rng: np.random.Generator) -> Iterator[Streamed]:
@@ -176,14 +183,16 @@ class StreamingEvalStream(_StreamingBase):
 
 def _runs(plan: EvalPlan, num_shards: int, nw: int) -> list[tuple[int, int]]:
     """Each worker's contiguous run of batches. With at least as many shards as workers a
-    run starts with the batch holding a shard's first sample, so a worker reads past less
-    than one batch; otherwise the batches are split evenly."""
+    run starts with the first batch that lies wholly in a shard, so a worker streams little
+    beyond its own samples; otherwise the batches are split evenly."""
     n = plan.num_batches
     starts = [0]
     if num_shards >= nw:
         for w in range(1, nw):
             first = plan.starts[w * num_shards // nw]  # stream position of the shard's start
-            starts.append(int(np.searchsorted(plan.bounds[:, 1], first, side="right")))
+            # the first batch wholly inside that shard; the previous worker, streaming on,
+            # takes the batch that straddles the boundary
+            starts.append(int(np.searchsorted(plan.bounds[:, 0], first, side="left")))
     if num_shards < nw or any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
         starts = [w * n // nw for w in range(nw)]
     return list(zip(starts, [*starts[1:], n], strict=True))

@@ -226,10 +226,14 @@ def reinit_layers(layers: nn.ModuleList) -> None:
     Those classes deep-copy one layer, so every layer starts identical; DETR and Query2Label
     re-initialise after cloning. Here every submodule is reset with PyTorch's own init."""
     for layer in layers:
+        inside_attention: set[int] = set()
         for m in layer.modules():
             if isinstance(m, nn.MultiheadAttention):
-                m._reset_parameters()
-            elif m is not layer and hasattr(m, "reset_parameters"):
+                m._reset_parameters()  # its own init, out_proj's zero bias included
+                inside_attention.update(id(c) for c in m.modules() if c is not m)
+            elif (
+                m is not layer and id(m) not in inside_attention and hasattr(m, "reset_parameters")
+            ):
                 m.reset_parameters()
 
 
