@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,13 @@ def write_params(path: Path, base: dict | None = None, **sections: dict) -> Path
         params[section] = {**params.get(section, {}), **values}
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for test servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli_env(tmp: Path, api: str | None = None) -> dict[str, str]:

@@ -21,14 +21,8 @@ import torch
 from lcm.data.indexing import index_shards
 from lcm.data.shards import eval_loader, is_remote, load_info, resolve_shards, train_loader
 from lcm.errors import DataError
-from tests._engine_fixtures import CLASSES, cli_env, lcm_cmd
+from tests._engine_fixtures import CLASSES, cli_env, free_port, lcm_cmd
 from tests._predict_fixtures import fetch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def served(tmp_path_factory, tiny_data, trained):
     (root / "bare").mkdir()  # shards without their _info.json
     for tar in sorted(trained.shards.glob("*.tar")):
         shutil.copy(tar, root / "bare" / tar.name)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
         cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,10 @@ from datetime import datetime
 import httpx
 import pytest
 
-from tests._engine_fixtures import cli_env, lcm_cmd
+from tests._engine_fixtures import cli_env, free_port, lcm_cmd
 from tests._predict_fixtures import fetch
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what, check, timeout, procs=()):

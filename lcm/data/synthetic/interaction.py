@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lcm.data.synthetic import story
 from lcm.data.synthetic.story import (
-    _COCO_ID_GAPS,
     Glyph,
     Placed,
     Scene,
@@ -63,13 +63,11 @@ CLASSES: tuple[SynthClass, ...] = (
     *(SynthClass(m, glyph, "lookalike") for members, glyph, _ in PAIRS for m in members),
 )
 LOOKALIKE_PAIRS: tuple[tuple[str, str], ...] = tuple(members for members, _, _ in PAIRS)
-GLYPHS_OF: dict[str, str] = {c.name: c.glyph for c in CLASSES}
 TINY_CLASSES: tuple[str, ...] = ()
 
 
 def category_ids() -> dict[str, int]:
-    free = (i for i in range(1, 1000) if i not in _COCO_ID_GAPS)
-    return {c.name: next(free) for c in CLASSES}
+    return story.category_ids(CLASSES)
 
 
 def member(pair: int, anchors_present: np.ndarray) -> str:
@@ -86,7 +84,7 @@ def sample_image(rng: np.random.Generator, size: int) -> tuple[Scene, list[str],
     members = [member(k, present) for k in np.flatnonzero(shown)]
     left = rng.random() < 0.5  # the anchors' half
     near, far = ((0.0, 0.5), (0.5, 1.0)) if left else ((0.5, 1.0), (0.0, 0.5))
-    glyph = GLYPHS_OF
+    glyph = {c.name: c.glyph for c in CLASSES}
     placed = place_glyphs([glyph[a] for a in anchors], size, rng, GLYPHS, [near] * len(anchors))
     placed += place_glyphs(
         [glyph[m] for m in members], size, rng, GLYPHS, [far] * len(members), placed

@@ -155,10 +155,28 @@ def _lookalike_glyphs(group: Group) -> set[str]:
     return {_BY_NAME[m].glyph for m, _ in group.members if _BY_NAME[m].role == "lookalike"}
 
 
-def category_ids() -> dict[str, int]:
-    """Class name -> COCO category id (increasing, with COCO's gaps)."""
+def category_ids(classes: tuple[SynthClass, ...] = CLASSES) -> dict[str, int]:
+    """Class name -> COCO category id (increasing, with COCO's gaps), for any tier's classes."""
     free = (i for i in range(1, 1000) if i not in _COCO_ID_GAPS)
-    return {c.name: next(free) for c in CLASSES}
+    return {c.name: next(free) for c in classes}
+
+
+def story_meta() -> dict:
+    """What ``synth_meta.json`` records of this tier's story (beside what every tier has)."""
+    return {
+        "scenes": [
+            {
+                "name": s.name,
+                "tint": list(s.tint),
+                "groups": [
+                    {"name": g.name, "members": [{"class": m, "p": p} for m, p in g.members]}
+                    for g in s.groups
+                ],
+            }
+            for s in SCENES
+        ],
+        "generic": [{"class": m, "p": p} for m, p in GENERIC],
+    }
 
 
 @dataclass(frozen=True)

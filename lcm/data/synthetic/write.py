@@ -21,16 +21,8 @@ from lcm.data.synthetic import interaction
 from lcm.data.synthetic import story as story_module
 from lcm.data.synthetic.render import render_image
 from lcm.data.synthetic.story import (
-    CLASSES,
-    GENERIC,
-    GLYPHS,
-    LOOKALIKE_PAIRS,
     REFERENCE_SIZE,
-    SCENES,
-    TINY_CLASSES,
     TINY_VISIBLE_PX,
-    category_ids,
-    glyph_of,
 )
 from lcm.errors import ConfigError, DataError
 from lcm.progress import ProgressCallback
@@ -111,44 +103,10 @@ def _categories(tier: str) -> list[dict]:
 
 
 def _meta(args: dict, image_scenes: dict[str, dict[str, str]], tier: str) -> dict:
-    if tier != "context":
-        return _tier_meta(args, image_scenes, _story(tier))
-    ids = category_ids()
-    size = args["size"]
-    return {
-        "generator": "lcm.data.synthetic",
-        "version": GENERATOR_VERSION,
-        "args": args,
-        "reference_size": REFERENCE_SIZE,
-        "tiny_visible_px": TINY_VISIBLE_PX * size / REFERENCE_SIZE,
-        "scenes": [
-            {
-                "name": s.name,
-                "tint": list(s.tint),
-                "groups": [
-                    {"name": g.name, "members": [{"class": m, "p": p} for m, p in g.members]}
-                    for g in s.groups
-                ],
-            }
-            for s in SCENES
-        ],
-        "generic": [{"class": m, "p": p} for m, p in GENERIC],
-        "classes": [
-            {"name": c.name, "category_id": ids[c.name], "role": c.role, "glyph": c.glyph}
-            for c in CLASSES
-        ],
-        "glyphs": {
-            k: {"shape": g.shape, "rgb": list(g.rgb), "size": list(g.size), "tiny_p": g.tiny_p}
-            for k, g in GLYPHS.items()
-        },
-        "lookalike_pairs": [{"glyph": glyph_of(a), "classes": [a, b]} for a, b in LOOKALIKE_PAIRS],
-        "tiny_classes": list(TINY_CLASSES),
-        "image_scenes": image_scenes,
-    }
-
-
-def _tier_meta(args: dict, image_scenes: dict[str, dict[str, str]], story: ModuleType) -> dict:
+    """``synth_meta.json``: what every tier records, around the tier's own story."""
+    story = _story(tier)
     ids = story.category_ids()
+    glyph = {c.name: c.glyph for c in story.CLASSES}
     return {
         "generator": "lcm.data.synthetic",
         "version": GENERATOR_VERSION,
@@ -165,7 +123,7 @@ def _tier_meta(args: dict, image_scenes: dict[str, dict[str, str]], story: Modul
             for k, g in story.GLYPHS.items()
         },
         "lookalike_pairs": [
-            {"glyph": story.GLYPHS_OF[a], "classes": [a, b]} for a, b in story.LOOKALIKE_PAIRS
+            {"glyph": glyph[a], "classes": [a, b]} for a, b in story.LOOKALIKE_PAIRS
         ],
         "tiny_classes": list(story.TINY_CLASSES),
         "image_scenes": image_scenes,
