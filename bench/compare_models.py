@@ -339,8 +339,9 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TIERS), figsize=(11, 4), sharey=False)
-    for ax, tier in zip(np.atleast_1d(axes), TIERS, strict=True):
+    tiers = [t for t in TIERS if any(r["tier"] == t for r in rows)]  # no empty panels
+    fig, axes = plt.subplots(1, len(tiers), figsize=(5.5 * len(tiers), 4), squeeze=False)
+    for ax, tier in zip(axes[0], tiers, strict=True):
         for arm in ("gap", "gap_mlp", "lcm", "q2l"):
             sel = [
                 r["curve"]
