@@ -15,7 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PREFECT_LOGGING_LEVEL := WARNING
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test test-fast lint format bench clean-demo
+.PHONY: demo test test-fast lint format bench clean-demo studies pictures
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -49,3 +49,23 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_model.py
+
+# README "Studies": the five studies' quick grids (each under an hour on 2 idle cores; finished
+# points are kept, so a rerun only redraws), then the two pictures.
+studies: $(STAMP)
+	for s in depth mask-ratio alpha beta partial; do $(BIN)/lcm ablate --study $$s --grid quick || exit 1; done
+
+# The pictures' model: LCM trained on the interaction tier at 128 px (4 x 4 maps).
+PIC := studies/data/pictures
+pictures: $(STAMP)
+	$(BIN)/lcm data synth $(PIC)/raw --tier interaction --n-train 1000 --n-val 200
+	for s in train val; do \
+	  $(BIN)/lcm data prepare coco --root $(PIC)/raw --split $$s --out $(PIC)/prepared/$$s && \
+	  $(BIN)/lcm data shard --prepared $(PIC)/prepared/$$s --images $(PIC)/raw/images/$$s \
+	    --out $(PIC)/shards/$$s --max-side 128 || exit 1; done
+	$(BIN)/lcm train --shards $(PIC)/shards/train --val-shards $(PIC)/shards/val --out $(PIC)/model \
+	  --no-live --set train.image_size=128 --set train.epochs=20
+	$(BIN)/lcm visualize attention --checkpoint $(PIC)/model --out studies/pictures/attention.png \
+	  --image $(PIC)/raw/images/val/$(PIC_IMAGE)
+	$(BIN)/lcm visualize tsne --checkpoint $(PIC)/model --shards $(PIC)/shards/val \
+	  --out studies/pictures/tsne.png

@@ -89,10 +89,12 @@ data_app = App(help="Data stages: synth, prepare, shard, mask; index.", no_args_
 prepare_app = App(help="Raw annotations -> manifest.parquet + classes.json.", no_args_is_help=True)
 report_app = App(help="Reports: model size.", no_args_is_help=True)
 export_app = App(help="Export a trained model for serving.", no_args_is_help=True)
+visualize_app = App(help="The paper's pictures: attention maps, t-SNE.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 data_app.add_typer(prepare_app, name="prepare")
 app.add_typer(report_app, name="report")
 app.add_typer(export_app, name="export")
+app.add_typer(visualize_app, name="visualize")
 
 
 # --------------------------------------------------------------------------------------- data
@@ -615,6 +617,125 @@ def serve(
             f"serving {', '.join(names)} (Ctrl-C stops and pauses them)", highlight=False
         ),
     )
+
+
+# ---------------------------------------------------------------------------- studies
+def _numbers(text: str | None, option: str) -> tuple[float, ...] | None:
+    from lcm.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise ConfigError(f"{option} {text!r}: expected comma-separated numbers") from e
+    if not values:
+        raise ConfigError(f"{option} {text!r}: no values")
+    return values
+
+
+@app.command("ablate")
+def ablate(
+    study: Annotated[str, typer.Option(help="depth | mask-ratio | alpha | beta | partial")],
+    grid: Annotated[str, typer.Option(help="quick (a 2-core CPU, < 1 h) | full (a GPU).")] = (
+        "quick"
+    ),
+    seeds: Annotated[int | None, typer.Option(help="Seeds per point [quick 2, full 5].")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out_dir: Annotated[Path, typer.Option("--out", help="Results directory.")] = Path("studies"),
+    profile: Annotated[
+        str | None, typer.Option(help="Data and schedule: quick | full | tiny [the grid's].")
+    ] = None,
+    values: Annotated[
+        str | None, typer.Option(help="Swept values instead of the grid's, e.g. 1,3.")
+    ] = None,
+    missing: Annotated[
+        str | None, typer.Option(help="partial: missing ratios instead of the grid's.")
+    ] = None,
+    jobs: Annotated[
+        int | None, typer.Option(help="Runs at once [CPU: one per core; GPU: 4].")
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option(help="Seconds; no run starts after (rerun to continue).")
+    ] = None,
+) -> None:
+    """One of the paper's studies on the synthetic benchmark: train every point of the grid
+    (finished points are kept and skipped), then write OUT/results.csv, OUT/studies.duckdb
+    and OUT/<study>/<profile>.png and .md (the trend fit beside the paper's finding)."""
+    from flows.ablate import AblateRequest, ablate_flow
+
+    request = AblateRequest(
+        study=study,
+        grid=grid,
+        seeds=seeds,
+        device=device,
+        out=out_dir,
+        profile=profile,
+        values=_numbers(values, "--values"),
+        missing=_numbers(missing, "--missing"),
+        jobs=jobs,
+        budget=budget,
+    )
+    request.check()  # before a Prefect server starts
+    _quiet_flow_errors()
+    result = ablate_flow(request)
+    out.print(result["markdown"], highlight=False)
+    out.print(
+        f"{result['ran']} runs in {result['seconds']:.0f} s; results in {out_dir}/results.csv, "
+        f"{out_dir}/studies.duckdb; figure and table in {out_dir}/{study}/",
+        highlight=False,
+    )
+
+
+@visualize_app.command("attention")
+def visualize_attention(
+    checkpoint: Annotated[Path, typer.Option(help="LCM model directory.")],
+    image: Annotated[Path, typer.Option(help="JPEG or PNG file.")],
+    out_file: Annotated[Path, typer.Option("--out", help="PNG to write.")],
+    labels: Annotated[
+        str | None, typer.Option(help="Comma-separated labels [the predicted ones].")
+    ] = None,
+    top: Annotated[int, typer.Option(help="At most this many predicted labels.")] = 4,
+    baseline: Annotated[
+        Path | None, typer.Option(help="A gap model directory: adds its class activation maps.")
+    ] = None,
+    weights: Annotated[str, typer.Option(help="raw | ema")] = "raw",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+) -> None:
+    """Per label: the class-aware attention (the plain backbone's view), the map reached
+    through the latent context tokens, and LCM's combination of the two (paper Fig. 3)."""
+    from lcm.runtime import select_device
+    from lcm.visualize import attention_figure
+
+    names = [n.strip() for n in labels.split(",") if n.strip()] if labels else None
+    shown = attention_figure(checkpoint, image, out_file, labels=names, top=top,
+                             weights=weights, baseline=baseline,
+                             device=select_device(device))  # fmt: skip
+    rows = ", ".join(f"{name} {score:.2f}" for name, score in shown)
+    out.print(f"wrote {out_file}: {rows}", highlight=False)
+
+
+@visualize_app.command("tsne")
+def visualize_tsne(
+    checkpoint: Annotated[Path, typer.Option(help="LCM model directory.")],
+    shards: Annotated[str, typer.Option(help="Shards: directory, glob, brace list or URL(s).")],
+    out_file: Annotated[Path, typer.Option("--out", help="PNG to write.")],
+    max_images: Annotated[int, typer.Option(help="Images read from the shards.")] = 300,
+    seed: Annotated[int, typer.Option(help="t-SNE seed.")] = 0,
+    weights: Annotated[str, typer.Option(help="raw | ema")] = "raw",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+) -> None:
+    """t-SNE of the class-aware, context-aware and fusion features of every positive label,
+    coloured by label, with each kind's label silhouette (paper Fig. 4)."""
+    from lcm.runtime import select_device
+    from lcm.visualize import tsne_figure
+
+    with progress_bar("features") as bar:
+        sil = tsne_figure(checkpoint, shards, out_file, max_images=max_images, seed=seed,
+                          weights=weights, device=select_device(device),
+                          progress=bar)  # fmt: skip
+    rows = ", ".join(f"{k} {v:+.2f}" for k, v in sil.items())
+    out.print(f"wrote {out_file}; label silhouettes: {rows}", highlight=False)
 
 
 @app.command("summary")

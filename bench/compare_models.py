@@ -35,7 +35,6 @@ import multiprocessing
 import sys
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +57,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "smoke": {"n_train": 64, "n_val": 32, "size": 64, "epochs": 1, "seeds": 2, "batch": 32},
 }
-MODEL = {"backbone": "resnet18", "dim": 128, "heads": 8, "ffn": 256, "depth": 3, "dropout": 0.1}
-TRAIN = {"lr": 2e-3, "weight_decay": 1e-4, "ema_decay": None, "amp": "auto"}
+from lcm.studies.grids import BASE_MODEL, BASE_TRAIN  # noqa: E402  (the studies' recipe too)
+
+MODEL = {k: v for k, v in BASE_MODEL.items() if k not in ("arch", "mask_ratio")}
+TRAIN = BASE_TRAIN
 # The shared recipe: a switch joins only when the recipe study shows it helps. On the GPU at
 # 400 images none did (head_lr 2e-4: -6.2 mAP for LCM; the others within noise): none kept.
 RECIPE: dict[str, dict[str, Any]] = {}
@@ -130,110 +131,16 @@ def gmacs(arm: str, size: int, num_classes: int) -> float:
     return count_macs(model, size)[0] / 1e9
 
 
-# --------------------------------------------------------------------------------------- data
-def build_tier(data: Path, tier: str, n_train: int, n_val: int, size: int) -> Path:
-    """The tier's benchmark, decoded and resized once: ``tensors.pt`` (uint8 images, targets,
-    classes, roles). Cached: reused when it exists."""
-    import torch
-
-    from lcm.data.coco import prepare_coco
-    from lcm.data.manifest import read_manifest, resolve_image, targets_from_lists
-    from lcm.data.synthetic import generate_synthetic
-    from lcm.data.transforms import decode_image, eval_transform
-
-    root = data / f"{tier}-{n_train}-{n_val}-{size}px"  # a cache per data setting
-    out = root / "tensors.pt"
-    if out.exists():
-        return out
-    raw = root / "raw"
-    generate_synthetic(raw, n_train=n_train, n_val=n_val, size=size, seed=0, tier=tier,
-                       workers=min(8, multiprocessing.cpu_count()))  # fmt: skip
-    meta = json.loads((raw / "annotations" / "synth_meta.json").read_text())
-    doc: dict[str, Any] = {"roles": {c["name"]: c["role"] for c in meta["classes"]}}
-    preset = eval_transform(size)
-    for split in ("train", "val"):
-        images = raw / "images" / split
-        prepared = root / "prepared" / split
-        prepare_coco(raw / "annotations" / f"instances_{split}.json", images, prepared)
-        manifest = read_manifest(prepared)
-        t = manifest.table
-        doc[f"{split}_x"] = torch.stack([
-            preset.pixels(decode_image(resolve_image(images, p).read_bytes()))
-            for p in t.column("path").to_pylist()
-        ])  # fmt: skip  # (N, 3, S, S) uint8
-        doc[f"{split}_y"] = torch.from_numpy(targets_from_lists(
-            t.column("labels").to_pylist(), t.column("ignore").to_pylist(), manifest.num_classes
-        ))  # fmt: skip
-        doc["classes"] = list(manifest.classes)
-    torch.save(doc, out)
-    return out
-
-
-@lru_cache(maxsize=2)
-def _tensors(path: str, device: str) -> dict[str, Any]:
-    import torch
-
-    doc = torch.load(path, weights_only=True)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in doc.items()}
-
-
 # ---------------------------------------------------------------------------------------- run
 def run_job(job: Job, data_file: str, size: int, device_name: str) -> dict[str, Any]:
     """Train one arm in memory; val mAP (and the aux head's) after every epoch."""
     import torch
 
-    from lcm.data.transforms import normalize
-    from lcm.metrics import evaluate_scores
-    from lcm.runtime import autocast, seed_everything, select_device
-    from lcm.trainer import TensorBatch, build_trainer, train_step
+    from lcm.studies.inmemory import train_in_memory
 
     torch.set_num_threads(1)
-    device = select_device(device_name)
-    d = _tensors(data_file, str(device))
-    classes = d["classes"]
-    params = job_params(job, size, device.type)
-    cfg = params.train
-    x, y = d["train_x"], d["train_y"]
-    steps = x.shape[0] // cfg.batch_size
-    known = (y >= 0).float()
-    priors = ((y == 1).float().sum(0) / known.sum(0).clamp(min=1)).tolist()
-    seed_everything(job.seed)
-    state = build_trainer(params.model, params.loss, cfg, len(classes), steps * cfg.epochs,
-                          device, priors=priors)  # fmt: skip
-    gen = torch.Generator(device="cpu").manual_seed(job.seed)
-    curve, aux_curve = [], []
-    t0 = time.perf_counter()
-    for _ in range(cfg.epochs):
-        state.model.train()
-        order = torch.randperm(x.shape[0], generator=gen)
-        flips = torch.rand(x.shape[0], generator=gen) < 0.5
-        for b in range(steps):
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            px = x[idx.to(x.device)]
-            flip = flips[idx].to(x.device)[:, None, None, None]
-            px = torch.where(flip, px.flip(-1), px)
-            train_step(state, TensorBatch(normalize(px), y[idx.to(y.device)]))
-        state.model.eval()
-        main, aux = [], []
-        with torch.no_grad(), autocast(device, state.dtype):
-            for lo in range(0, d["val_x"].shape[0], 256):
-                out = state.model(normalize(d["val_x"][lo : lo + 256]))
-                main.append(out.logits.float().cpu())
-                if out.aux_logits is not None:
-                    aux.append(out.aux_logits.float().cpu())
-        targets = d["val_y"].cpu().numpy()
-        res = evaluate_scores(torch.cat(main).numpy(), targets, classes)
-        curve.append(res.mAP)
-        if aux:
-            aux_curve.append(evaluate_scores(torch.cat(aux).numpy(), targets, classes).mAP)
-    per_class = {c.name: c.ap for c in res.per_class}
-    row = {"key": job.key, **job.__dict__, "mAP": curve[-1], "curve": curve,
-           "per_class": per_class, "seconds": time.perf_counter() - t0}  # fmt: skip
-    if aux_curve:
-        aux_res = evaluate_scores(torch.cat(aux).numpy(), targets, classes)
-        row |= {"aux_mAP": aux_curve[-1], "aux_curve": aux_curve,
-                "aux_per_class": {c.name: c.ap for c in aux_res.per_class}}  # fmt: skip
-    return row
+    row = train_in_memory(job_params(job, size, device_name), data_file)
+    return {"key": job.key, **job.__dict__, **row}
 
 
 def _run_packed(args: tuple) -> dict[str, Any]:
@@ -405,12 +312,13 @@ def main() -> None:
     import torch
 
     from lcm.runtime import select_device
+    from lcm.studies.inmemory import build_tier
 
     device = select_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     data_dir = args.data or args.out / "data"
     data = {t: str(build_tier(data_dir, t, args.n_train, args.n_val, args.size))
-            for t in args.tiers}  # fmt: skip
+            for t in args.tiers}  # fmt: skip  # cached: reused when it exists
     n_cls = {t: len(torch.load(f, weights_only=True)["classes"]) for t, f in data.items()}
     macs = {t: {a: gmacs(a, args.size, n_cls[t]) for a in ARMS} for t in args.tiers}
     ratio = max(m["lcm"] / m["gap"] for m in macs.values())

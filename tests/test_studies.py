@@ -1,0 +1,242 @@
+"""The paper's studies (`lcm ablate`) and pictures (`lcm visualize`) at toy size.
+
+What must hold: a study's grid trains every point once (the base configuration once for all
+four single-setting studies), a rerun trains nothing, a cut-off log loses only the torn line;
+the results table holds every point with its params; the trend fit reads a known curve right;
+the in-memory partial-label protocol hides exactly what `lcm data mask` hides.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+from lcm.data.manifest import read_manifest, targets_from_lists
+from lcm.data.masks import make_mask, read_mask
+from lcm.errors import ConfigError, DataError
+from lcm.studies import grids, report, results
+from lcm.studies.inmemory import build_tier, hide_targets, train_in_memory
+from tests._engine_fixtures import ROOT, cli_env, lcm_cmd
+
+TINY = grids.PROFILES["tiny"]
+
+
+# ------------------------------------------------------------------------------------- grids
+def test_quick_grids_and_seeds():
+    depth = grids.plan(grids.STUDIES["depth"], "quick", 2)
+    assert [(p.value, p.seed) for p in depth] == [(1, 0), (3, 0), (6, 0), (1, 1), (3, 1), (6, 1)]
+    partial = grids.plan(grids.STUDIES["partial"], "quick", 1)
+    assert {(p.missing, p.value) for p in partial} == {(0.1, 0.1), (0.1, 0.4), (0.9, 0.1),
+                                                       (0.9, 0.4)}  # fmt: skip
+    assert len(grids.plan(grids.STUDIES["partial"], "full", 5)) == 3 * 6 * 5
+    assert [p.value for p in grids.plan(grids.STUDIES["depth"], "full", 1)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "study, values, missing, message",
+    [("depth", (0,), None, "whole number"), ("depth", (2.5,), None, "whole number"),
+     ("mask-ratio", (1.5,), None, "[0, 1]"), ("alpha", (-1,), None, "negative"),
+     ("partial", (0.1,), (1.0,), "(0, 1)")],
+)  # fmt: skip
+def test_bad_grid_values_are_refused(study, values, missing, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        grids.plan(grids.STUDIES[study], "quick", 1, values, missing)
+
+
+def test_the_base_configuration_is_a_point_of_every_single_setting_study():
+    base = grids.point_params(grids.Point("depth", 3, 0), TINY, "cpu")
+    found = grids.memberships(TINY.settings(), base)
+    assert sorted((p.study, p.value) for p in found) == [
+        ("alpha", 1.0), ("beta", 0.1), ("depth", 3.0), ("mask-ratio", 0.1)]  # fmt: skip
+    deep = grids.point_params(grids.Point("depth", 6, 1), TINY, "cpu")
+    assert [(p.study, p.value, p.seed) for p in grids.memberships(TINY.settings(), deep)] == [
+        ("depth", 6.0, 1)]  # fmt: skip
+    part = grids.point_params(grids.Point("partial", 0.4, 0, 0.9), TINY, "cpu")
+    assert [(p.study, p.missing) for p in grids.memberships(TINY.settings(), part)] == [
+        ("partial", 0.9)]  # fmt: skip
+    assert grids.memberships({**TINY.settings(), "epochs": 99}, base) == []
+
+
+def test_run_key_covers_the_configuration_not_the_device():
+    p = grids.point_params(grids.Point("alpha", 2, 0), TINY, "cpu")
+    s = TINY.settings()
+    assert results.run_key(s, p) == results.run_key(
+        s, grids.point_params(grids.Point("alpha", 2, 0), TINY, "cuda"))  # fmt: skip
+    other_seed = grids.point_params(grids.Point("alpha", 2, 1), TINY, "cpu")
+    assert results.run_key(s, p) != results.run_key(s, other_seed)
+    assert results.run_key(s, p) != results.run_key({**s, "epochs": 2}, p)
+
+
+# ------------------------------------------------------------------------------------ results
+def test_a_torn_last_line_is_dropped_and_any_other_bad_line_is_an_error(tmp_path):
+    results.append_run(tmp_path, {"key": "a", "mAP": 0.5})
+    results.append_run(tmp_path, {"key": "b", "mAP": 0.6})
+    log = tmp_path / results.RUNS_FILE
+    log.write_text(log.read_text() + '{"key": "c", "mA')
+    assert sorted(results.read_runs(tmp_path)) == ["a", "b"]
+    log.write_text('{"key": "a"\n' + log.read_text())
+    with pytest.raises(DataError, match=r"runs.jsonl:1: not a run record"):
+        results.read_runs(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- report
+def _sweep(means: dict[float, float], noise: float, seeds: int = 3):
+    rng = np.random.default_rng(0)
+    x = np.repeat(list(means), seeds)
+    y = np.array([means[v] for v in x]) + rng.normal(0, noise, len(x))
+    return x.astype(float), y
+
+
+def test_the_trend_fit_reads_a_known_curve():
+    x, y = _sweep({1: 80.0, 3: 84.0, 6: 81.0}, 0.2)
+    agree = report.read_sweep(x, y, 3, "depth")
+    assert agree.best == 3 and agree.verdict.startswith("**agrees**")
+    assert not agree.gap.covers_zero  # 3 clearly ahead of 6
+    x, y = _sweep({0: 70.0, 0.1: 75.0, 0.5: 80.0}, 0.2)
+    disagree = report.read_sweep(x, y, 0.1, "r")
+    assert disagree.best == 0.5 and disagree.verdict.startswith("**disagrees**")
+    assert disagree.trend.lo > 0  # mAP rises with r
+    x, y = _sweep({0: 70.0, 1: 70.5, 3: 70.2}, 3.0)
+    assert report.read_sweep(x, y, 1, "alpha").gap.covers_zero
+
+
+def test_the_partial_interaction_term_has_the_papers_sign_when_beta_helps_more_when_missing():
+    m = np.repeat([0.1, 0.1, 0.9, 0.9], 3)
+    beta = np.repeat([0.1, 0.4, 0.1, 0.4], 3)
+    y = 80 - 10 * m + 20 * m * beta + np.random.default_rng(1).normal(0, 0.1, len(m))
+    est = report.interaction(m, beta, y)
+    assert est.lo > 0 and math.isclose(est.value, 20, abs_tol=1)
+
+
+def test_inference_cost_of_the_branch_is_counted_equal():
+    text = " ".join(report.inference_cost(TINY, 12))
+    assert "the same" in text and "GMACs" in text
+
+
+# ----------------------------------------------------------------------------------- in memory
+def test_hidden_targets_are_exactly_the_mask_lcm_data_mask_writes(tiny_data, tmp_path):
+    manifest = read_manifest(tiny_data.prepared_train)
+    t = manifest.table
+    labels, ignore = t.column("labels").to_pylist(), t.column("ignore").to_pylist()
+    targets = torch.from_numpy(targets_from_lists(labels, ignore, manifest.num_classes))
+    make_mask(tiny_data.prepared_train, 0.5, 7, tmp_path / "m.parquet")
+    mask = read_mask(tmp_path / "m.parquet")
+    hidden = hide_targets(targets, 0.5, 7)
+    expected = np.stack([mask[k] for k in t.column("key").to_pylist()])
+    assert np.array_equal((hidden >= 0).numpy(), expected)
+    assert 0.3 < float((hidden < 0).float().mean()) < 0.7
+
+
+@pytest.fixture(scope="module")
+def tiny_tier(tmp_path_factory) -> Path:
+    return build_tier(tmp_path_factory.mktemp("tier"), "interaction", TINY.n_train, TINY.n_val,
+                      TINY.size)  # fmt: skip
+
+
+def test_in_memory_training_is_deterministic_and_scores_every_epoch(tiny_tier, one_thread):
+    from lcm.config import params_from_dict
+
+    raw = grids.point_params(grids.Point("partial", 0.1, 0, 0.5), TINY, "cpu")
+    raw["train"]["epochs"] = 2
+    params = params_from_dict(raw)
+    a, b = train_in_memory(params, tiny_tier), train_in_memory(params, tiny_tier)
+    assert len(a["curve"]) == 2 and len(a["aux_curve"]) == 2
+    assert a["mAP"] == b["mAP"] and a["curve"] == b["curve"]
+    assert set(a["per_class"]) == set(torch.load(tiny_tier, weights_only=True)["classes"])
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def _said(done: subprocess.CompletedProcess) -> str:
+    return " ".join((done.stdout + done.stderr).split())  # log lines come wrapped
+
+
+@pytest.mark.slow
+def test_ablate_depth_quick_two_seeds_writes_table_and_figure_then_resumes(tmp_path, prefect_api):
+    """The acceptance command at toy size: a 2-point grid, 2 seeds, tiny model."""
+    out = tmp_path / "studies"
+    cmd = lcm_cmd("ablate", "--study", "depth", "--grid", "quick", "--seeds", "2", "--profile",
+                  "tiny", "--values", "1,3", "--device", "cpu", "--out", str(out))  # fmt: skip
+    env = cli_env(tmp_path, prefect_api)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 runs to do, 0 done before" in _said(done)
+    table = (out / "depth" / "tiny.md").read_text()
+    assert "| 1 | 2 |" in table and "| 3 | 2 |" in table and "Paper's best on our data" in table
+    assert (out / "depth" / "tiny.png").stat().st_size > 10_000
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    depth = [r for r in rows if r["study"] == "depth"]
+    assert sorted((float(r["value"]), int(r["seed"])) for r in depth) == [
+        (1, 0), (1, 1), (3, 0), (3, 1)]  # fmt: skip
+    assert json.loads(depth[0]["params"])["model"]["depth"] in (1, 3)
+    # the depth-3 runs are the base configuration: points of the other three studies too
+    assert {r["study"] for r in rows} == {"depth", "mask-ratio", "alpha", "beta"}
+    con = duckdb.connect(str(out / "studies.duckdb"), read_only=True)
+    try:
+        n_runs = con.execute("SELECT count(*) FROM ablation_runs").fetchone()[0]
+        n_rows = con.execute("SELECT count(*) FROM ablation_results").fetchone()[0]
+    finally:
+        con.close()
+    assert (n_runs, n_rows) == (4, len(rows))
+
+    log = out / results.RUNS_FILE
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])  # a call cut off mid-write
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 runs to do, 3 done before" in _said(again)
+    assert len(results.read_runs(out)) == 4 and len(log.read_text().splitlines()) == 4
+    last = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert "0 runs to do, 4 done before" in _said(last)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--study", "width"], "unknown study 'width'"),
+     (["--study", "depth", "--values", "0"], "whole number"),
+     (["--study", "depth", "--values", "a,b"], "comma-separated numbers"),
+     (["--study", "beta", "--missing", "0.5"], "partial study only"),
+     (["--study", "depth", "--grid", "huge"], "unknown grid")],
+)  # fmt: skip
+def test_ablate_refuses_bad_requests_before_any_work(tmp_path, args, message):
+    cmd = lcm_cmd("ablate", *args, "--out", str(tmp_path / "s"))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(tmp_path), timeout=120)
+    assert done.returncode == 1 and message in _said(done)
+    assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------------------------- visualize
+def test_attention_figure_of_a_trained_model(trained, tmp_path):
+    from lcm.visualize import attention_figure
+
+    image = sorted(trained.images.glob("*.jpg"))[0]
+    shown = attention_figure(trained.model, image, tmp_path / "a.png", top=2)
+    assert 1 <= len(shown) <= 2 and all(0 <= s <= 1 for _, s in shown)
+    assert (tmp_path / "a.png").stat().st_size > 5_000
+    chosen = attention_figure(trained.model, image, tmp_path / "b.png", labels=["red", "blue"])
+    assert [name for name, _ in chosen] == ["red", "blue"]
+    with pytest.raises(ConfigError, match="unknown label 'zebra'"):
+        attention_figure(trained.model, image, tmp_path / "c.png", labels=["zebra"])
+    with pytest.raises(DataError, match="no such image file"):
+        attention_figure(trained.model, tmp_path / "none.jpg", tmp_path / "c.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.jpg: not a decodable"):
+        attention_figure(trained.model, tmp_path / "bad.jpg", tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_tsne_figure_of_a_trained_model(trained, tmp_path):
+    from lcm.visualize import tsne_figure
+
+    sil = tsne_figure(trained.model, str(trained.shards), tmp_path / "t.png", max_images=24)
+    assert len(sil) == 3 and all(-1 <= v <= 1 for v in sil.values())
+    assert (tmp_path / "t.png").stat().st_size > 10_000
