@@ -14,6 +14,7 @@ every finished point; a rerun skips them (runs are keyed by their full configura
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import time
@@ -60,7 +61,12 @@ class AblateRequest:
             raise ConfigError(f"--jobs must be at least 1, got {self.jobs}")
         if self.missing and self.study != "partial":
             raise ConfigError("--missing applies to the partial study only")
+        if self.budget is not None and self.budget < 0:
+            raise ConfigError(f"--budget must not be negative, got {self.budget}")
         self.points()  # the grid's own checks
+        from lcm.runtime import select_device
+
+        select_device(self.device)  # `cuda` without a GPU fails here, before any work
 
     def profile_(self) -> grids.Profile:
         return grids.PROFILES[self.profile or self.grid]
@@ -138,7 +144,7 @@ def ablate_flow(request: AblateRequest) -> dict[str, Any]:
     started, failed = time.perf_counter(), []
     pending = list(todo.items())
     inflight: dict[Any, tuple[str, grids.Point, dict]] = {}
-    finished = 0
+    finished, spent = 0, []
     while pending or inflight:
         over = request.budget is not None and time.perf_counter() - started > request.budget
         while pending and len(inflight) < jobs and not over:
@@ -164,7 +170,8 @@ def ablate_flow(request: AblateRequest) -> dict[str, Any]:
         runs[key] = results.append_run(out, row)
         _write(study, profile, keyed, runs, out, num_classes)
         elapsed = time.perf_counter() - started
-        left = elapsed / finished * (len(todo) - finished - len(failed))
+        spent.append(row["seconds"])
+        left = sum(spent) / len(spent) * math.ceil((len(todo) - finished - len(failed)) / jobs)
         log.info("[%d/%d] %s: mAP %.1f (%.0f s); %.0f s so far, about %.0f s to go",
                  finished, len(todo), _label(point), 100 * row["mAP"], row["seconds"], elapsed,
                  left)  # fmt: skip
@@ -186,6 +193,6 @@ def _write(study: grids.Study, profile: grids.Profile, keyed: list, runs: dict, 
     keys = {key for _, key, _ in keyed}
     mine = [r for r in rows if r["run_key"] in keys and r["study"] == study.name]
     if not mine:
-        return ""
+        return f"no finished runs of the {study.name} study yet"
     extra = report.inference_cost(profile, num_classes) if study.name == "partial" else None
     return report.write_report(study, profile, mine, out / study.name, extra)

@@ -240,3 +240,15 @@ def test_tsne_figure_of_a_trained_model(trained, tmp_path):
     sil = tsne_figure(trained.model, str(trained.shards), tmp_path / "t.png", max_images=24)
     assert len(sil) == 3 and all(-1 <= v <= 1 for v in sil.values())
     assert (tmp_path / "t.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_spent_budget_starts_no_run_and_says_so(tmp_path, prefect_api):
+    out = tmp_path / "s"
+    cmd = lcm_cmd("ablate", "--study", "alpha", "--profile", "tiny", "--budget", "0",
+                  "--device", "cpu", "--out", str(out))  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(tmp_path, prefect_api),
+                          cwd=ROOT, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "6 runs not started; rerun to continue" in _said(done)
+    assert results.read_runs(out) == {}

@@ -169,8 +169,9 @@ def interaction(m: np.ndarray, beta: np.ndarray, y: np.ndarray) -> Estimate:
 # ----------------------------------------------------------------------------- table, figure
 def _mean_sd(values: list[float]) -> str:
     arr = np.asarray(values, dtype=float)
-    sd = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-    return f"{arr.mean():.1f} ± {sd:.1f}"
+    if len(arr) < 2:
+        return f"{arr.mean():.1f}"  # one seed: no spread to show
+    return f"{arr.mean():.1f} ± {arr.std(ddof=1):.1f}"
 
 
 def _devices(rows: list[dict]) -> str:
@@ -191,16 +192,17 @@ def write_report(study: Study, profile: Profile, rows: list[dict], out_dir: Path
         f"Runs on: {_devices(rows) or '-'}.", "",
         f"**Paper** (COCO): {study.finding}.", "",
     ]  # fmt: skip
+    caption = f"{profile.name} profile, {len(seeds)} seeds, {_devices(rows)}"
     if study.name == "partial":
-        body = _partial_section(study, rows, out_dir / f"{profile.name}.png")
+        body = _partial_section(study, rows, out_dir / f"{profile.name}.png", caption)
     else:
-        body = _sweep_section(study, rows, out_dir / f"{profile.name}.png")
+        body = _sweep_section(study, rows, out_dir / f"{profile.name}.png", caption)
     text = "\n".join(head + body + (extra or [])) + "\n"
     (out_dir / f"{profile.name}.md").write_text(text)
     return text
 
 
-def _sweep_section(study: Study, rows: list[dict], figure: Path) -> list[str]:
+def _sweep_section(study: Study, rows: list[dict], figure: Path, caption: str) -> list[str]:
     lines = [f"| {study.key.split('.')[1]} | seeds | mAP | aux-head mAP | paper |",
              "|---|---|---|---|---|"]  # fmt: skip
     levels = sorted({r["value"] for r in rows})
@@ -211,12 +213,12 @@ def _sweep_section(study: Study, rows: list[dict], figure: Path) -> list[str]:
         lines.append(f"| {v:g} | {len(sel)} | {_mean_sd([100 * r['mAP'] for r in sel])} | "
                      f"{_mean_sd(aux) if aux else '-'} | {paper} |")  # fmt: skip
     if len(levels) < 2:
-        _plot_sweep(study, rows, None, figure)
+        _plot_sweep(study, rows, None, figure, caption)
         return [*lines, "", "One level only: no trend to fit."]
     x = np.array([r["value"] for r in rows])
     y = np.array([100 * r["mAP"] for r in rows])
     reading = read_sweep(x, y, study.paper_best, study.key.split(".")[1].replace("_", " "))
-    _plot_sweep(study, rows, reading, figure)
+    _plot_sweep(study, rows, reading, figure, caption)
     lo, hi = min(levels), max(levels)
     return [*lines, "",
             f"**Trend** (a straight line through every run): {_span(reading.trend, lo, hi)} "
@@ -225,7 +227,7 @@ def _sweep_section(study: Study, rows: list[dict], figure: Path) -> list[str]:
             f"**Paper's best on our data**: {reading.verdict}."]  # fmt: skip
 
 
-def _partial_section(study: Study, rows: list[dict], figure: Path) -> list[str]:
+def _partial_section(study: Study, rows: list[dict], figure: Path, caption: str) -> list[str]:
     lines = ["| missing | beta | seeds | mAP | paper (COCO) |", "|---|---|---|---|---|"]
     ratios = sorted({r["missing"] for r in rows})
     readings: dict[float, Reading] = {}
@@ -262,7 +264,7 @@ def _partial_section(study: Study, rows: list[dict], figure: Path) -> list[str]:
                   f"raising beta from {b_lo:g} to {b_hi:g} gains {est.text(1)} points more at "
                   f"{m_hi:.0%} missing than at {m_lo:.0%} (positive: the paper's trend)."
                   ]  # fmt: skip
-    _plot_partial(rows, readings, figure)
+    _plot_partial(rows, readings, figure, caption)
     return lines
 
 
@@ -273,15 +275,17 @@ def _axes(title: str, xlabel: str) -> tuple[Any, Any]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.6, 4))
-    ax.set(title=title, xlabel=xlabel, ylabel="val mAP (%)")
+    ax.set_title(title, fontsize=10)
+    ax.set(xlabel=xlabel, ylabel="val mAP (%)")
     ax.grid(alpha=0.3)
     return fig, ax
 
 
-def _plot_sweep(study: Study, rows: list[dict], reading: Reading | None, path: Path) -> None:
+def _plot_sweep(study: Study, rows: list[dict], reading: Reading | None, path: Path,
+                caption: str) -> None:  # fmt: skip
     import matplotlib.pyplot as plt
 
-    fig, ax = _axes(f"{study.name}: mAP against {study.key}", study.label)
+    fig, ax = _axes(f"{study.name}: mAP against {study.key}\n{caption}", study.label)
     levels = sorted({r["value"] for r in rows})
     stats = [np.asarray([100 * r["mAP"] for r in rows if r["value"] == v]) for v in levels]
     ax.scatter([r["value"] for r in rows], [100 * r["mAP"] for r in rows], s=12, alpha=0.4,
@@ -300,10 +304,11 @@ def _plot_sweep(study: Study, rows: list[dict], reading: Reading | None, path: P
     plt.close(fig)
 
 
-def _plot_partial(rows: list[dict], readings: dict[float, Reading], path: Path) -> None:
+def _plot_partial(rows: list[dict], readings: dict[float, Reading], path: Path,
+                  caption: str) -> None:  # fmt: skip
     import matplotlib.pyplot as plt
 
-    fig, ax = _axes("partial labels: mAP against beta per missing ratio", "beta")
+    fig, ax = _axes(f"partial labels: mAP against beta per missing ratio\n{caption}", "beta")
     for i, m in enumerate(sorted({r["missing"] for r in rows})):
         color = f"C{i}"
         at = [r for r in rows if r["missing"] == m]
