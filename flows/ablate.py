@@ -111,8 +111,7 @@ def _label(point: grids.Point) -> str:
 @flow(name="lcm-ablate", log_prints=False, validate_parameters=False)
 def ablate_flow(request: AblateRequest) -> dict[str, Any]:
     """Run the study's missing points, then write its results, figure and table."""
-    import torch
-
+    from lcm.data.synthetic import interaction, story
     from lcm.runtime import select_device
     from lcm.studies.inmemory import build_tier
 
@@ -125,9 +124,6 @@ def ablate_flow(request: AblateRequest) -> dict[str, Any]:
     threads = max(1, cores // jobs) if device.type == "cpu" else 1
     out = Path(request.out)
     out.mkdir(parents=True, exist_ok=True)
-    tier_file = str(build_tier(request.data or out / "data", profile.tier, profile.n_train,
-                               profile.n_val, profile.size))  # fmt: skip
-    num_classes = len(torch.load(tier_file, weights_only=True)["classes"])
     settings = profile.settings()
     keyed = []
     for point in request.points():
@@ -138,6 +134,11 @@ def ablate_flow(request: AblateRequest) -> dict[str, Any]:
     for point, key, params in keyed:
         if key not in runs and key not in todo:
             todo[key] = (point, params)
+    tier_file = ""
+    if todo:  # a finished grid only redraws: no data needed
+        tier_file = str(build_tier(request.data or out / "data", profile.tier, profile.n_train,
+                                   profile.n_val, profile.size))  # fmt: skip
+    num_classes = len((interaction if profile.tier == "interaction" else story).CLASSES)
     name = _device_name(device)
     log.info("%s: %d runs to do, %d done before; %s, %d at a time", study.name, len(todo),
              len({k for _, k, _ in keyed}) - len(todo), name, jobs)  # fmt: skip

@@ -252,3 +252,22 @@ def test_a_spent_budget_starts_no_run_and_says_so(tmp_path, prefect_api):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "6 runs not started; rerun to continue" in _said(done)
     assert results.read_runs(out) == {}
+
+
+def test_attention_with_a_gap_baseline_adds_its_class_activation_maps(trained, tmp_path):
+    """An untrained gap model is enough to check the column and the checks around it."""
+    import dataclasses
+
+    from lcm.checkpoint import load_meta, save_model
+    from lcm.models import build_model
+    from lcm.visualize import attention_figure
+
+    meta = load_meta(trained.model)
+    gap_meta = dataclasses.replace(meta, model=dataclasses.replace(meta.model, arch="gap"))
+    save_model(tmp_path / "gap", build_model(gap_meta.model, len(meta.classes)), gap_meta, None)
+    image = sorted(trained.images.glob("*.jpg"))[0]
+    shown = attention_figure(trained.model, image, tmp_path / "a.png", labels=["red"],
+                             baseline=tmp_path / "gap")  # fmt: skip
+    assert [name for name, _ in shown] == ["red"] and (tmp_path / "a.png").exists()
+    with pytest.raises(ConfigError, match="a 'gap' model; this needs an 'lcm' checkpoint"):
+        attention_figure(tmp_path / "gap", image, tmp_path / "b.png")
