@@ -271,3 +271,17 @@ def test_attention_with_a_gap_baseline_adds_its_class_activation_maps(trained, t
     assert [name for name, _ in shown] == ["red"] and (tmp_path / "a.png").exists()
     with pytest.raises(ConfigError, match="a 'gap' model; this needs an 'lcm' checkpoint"):
         attention_figure(tmp_path / "gap", image, tmp_path / "b.png")
+
+
+def test_partial_report_puts_the_papers_table_beside_ours(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [{"study": "partial", "value": b, "missing": m, "seed": s, "device": "CPU (2 cores)",
+             "mAP": (80 - 40 * m - 10 * b + 12 * m * b + rng.normal(0, 0.3)) / 100,
+             "aux_mAP": None}
+            for m in (0.1, 0.9) for b in (0.1, 0.4) for s in range(3)]  # fmt: skip
+    text = report.write_report(grids.STUDIES["partial"], TINY, rows, tmp_path,
+                               report.inference_cost(TINY, 12))  # fmt: skip
+    assert "| 10% | 0.1 | 3 |" in text and "| 83.5 |" in text and "| 73.1 |" in text
+    assert "**10% missing**" in text and "**agrees**: beta 0.1 is best" in text
+    assert "larger beta) on our data: **agrees**" in text
+    assert (tmp_path / "tiny.png").stat().st_size > 10_000 and (tmp_path / "tiny.md").exists()
