@@ -66,6 +66,6 @@ pictures: $(STAMP)
 	$(BIN)/lcm train --shards $(PIC)/shards/train --val-shards $(PIC)/shards/val --out $(PIC)/model \
 	  --no-live --set train.image_size=128 --set train.epochs=20
 	$(BIN)/lcm visualize attention --checkpoint $(PIC)/model --out studies/pictures/attention.png \
-	  --image $(PIC)/raw/images/val/$(PIC_IMAGE)
+	  --image $(PIC)/raw/images/val/000000001041.jpg --labels mouse,stapler,car,monitor
 	$(BIN)/lcm visualize tsne --checkpoint $(PIC)/model --shards $(PIC)/shards/val \
 	  --out studies/pictures/tsne.png

@@ -711,7 +711,7 @@ def visualize_attention(
     shown = attention_figure(checkpoint, image, out_file, labels=names, top=top,
                              weights=weights, baseline=baseline,
                              device=select_device(device))  # fmt: skip
-    rows = ", ".join(f"{name} {score:.2f}" for name, score in shown)
+    rows = ", ".join(f"{name} {score:.2f} (overlap {o:.2f})" for name, score, o in shown)
     out.print(f"wrote {out_file}: {rows}", highlight=False)
 
 
@@ -726,16 +726,18 @@ def visualize_tsne(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
 ) -> None:
     """t-SNE of the class-aware, context-aware and fusion features of every positive label,
-    coloured by label, with each kind's label silhouette (paper Fig. 4)."""
+    coloured by label, with each kind's label silhouette and 5-NN accuracy (paper Fig. 4)."""
     from lcm.runtime import select_device
     from lcm.visualize import tsne_figure
 
     with progress_bar("features") as bar:
-        sil = tsne_figure(checkpoint, shards, out_file, max_images=max_images, seed=seed,
+        got = tsne_figure(checkpoint, shards, out_file, max_images=max_images, seed=seed,
                           weights=weights, device=select_device(device),
                           progress=bar)  # fmt: skip
-    rows = ", ".join(f"{k} {v:+.2f}" for k, v in sil.items())
-    out.print(f"wrote {out_file}; label silhouettes: {rows}", highlight=False)
+    out.print(f"wrote {out_file}", highlight=False)
+    for kind, sil in got["silhouette"].items():
+        out.print(f"  {kind}: label silhouette {sil:+.2f}, 5-NN label accuracy "
+                  f"{got['knn'][kind]:.2f}", highlight=False)  # fmt: skip
 
 
 @app.command("summary")

@@ -4,14 +4,18 @@
   its tokens. *class-aware* is the class's spatial softmax A_c, the paper's "vanilla ResNet
   (i.e., class-aware features)"; *context* is the map the class reaches through the latent
   context tokens, sum_k w_ck S_k (its attention over the K context tokens times each token's
-  spatial assignment); *LCM* is their mean, the spatial support of the class's two fusion
-  tokens, weighted equally [ours: the paper does not say how its maps are drawn]. With
+  spatial assignment), titled with its overlap with the class-aware map (the sum over
+  positions of the smaller of the two; 1 = the same place); *LCM* is their mean, the spatial
+  support of the class's two fusion tokens, weighted equally [ours: the paper does not say
+  how its maps are drawn]. With
   ``baseline`` (a ``gap`` checkpoint) a column shows that plain ResNet's class activation map.
 - :func:`tsne_figure` (``lcm visualize tsne``): t-SNE of the class-aware, context-aware and
   fusion features (F_cls, F_ctx and the Transformer's output Z) of every positive label of
-  the val images, coloured by label. Each panel also gives the silhouette of the labels in
-  the features themselves (cosine distance, before t-SNE), a number to read beside the
-  picture: t-SNE alone can make clusters look tighter or looser than they are.
+  the val images, coloured by label. Each panel also gives two numbers measured in the
+  features themselves (cosine, before t-SNE), to read beside the picture, since t-SNE alone
+  can make clusters look tighter or looser than they are: the labels' silhouette (one compact
+  cluster per label scores high) and the leave-one-out 5-nearest-neighbour label accuracy
+  (high when neighbours share a label, even if a label is split into several clusters).
 
 Maps are at the backbone's resolution (image size / 32: 4 x 4 at 128 px), upsampled
 bilinearly for display.
@@ -94,8 +98,9 @@ def attention_figure(
     weights: str = "raw",
     baseline: Path | None = None,
     device: torch.device | None = None,
-) -> list[tuple[str, float]]:
-    """Write the attention figure of one image; returns the (label, score) rows shown.
+) -> list[tuple[str, float, float]]:
+    """Write the attention figure of one image; returns the rows shown: (label, score,
+    overlap of its context map with its class-aware map, 0-1).
 
     Rows are ``labels`` or else the labels at or above their threshold, highest score first
     (at most ``top``; the top-scoring label when none is).
@@ -127,6 +132,9 @@ def attention_figure(
         "context": feats["context_map"][0, chosen],
     }
     columns["LCM (class-aware + context)"] = (columns["class-aware"] + columns["context"]) / 2
+    # Both maps are distributions over positions: their overlap (sum of the minimum) is 1 when
+    # the context tokens look where the class-aware map looks, 0 when elsewhere entirely.
+    overlap = torch.minimum(columns["class-aware"], columns["context"]).sum(dim=(1, 2)).tolist()
     if baseline is not None:
         base = _load(baseline, weights, device, "gap")
         if list(base.meta.classes) != classes:
@@ -147,15 +155,18 @@ def attention_figure(
         for col, (name, maps) in enumerate(ups.items(), 1):
             axes[row, col].imshow(shown)
             axes[row, col].imshow(maps[row], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            if row == 0:
-                axes[row, col].set_title(name, fontsize=9)
+            title = name if row == 0 else ""
+            if name == "context":
+                title = f"{title}\n" if title else ""
+                title += f"overlap with class-aware {overlap[row]:.2f}"
+            axes[row, col].set_title(title, fontsize=9)
     for ax in axes.flat:
         ax.set_axis_off()
     h, w = feats["class_attention"].shape[-2:]
     fig.suptitle(f"{Path(image).name} ({size} px; maps {h} x {w}, upsampled)", fontsize=9)
     fig.tight_layout()
     _save(fig, out)
-    return [(classes[c], float(scores[c])) for c in chosen]
+    return [(classes[c], float(scores[c]), overlap[i]) for i, c in enumerate(chosen)]
 
 
 @torch.no_grad()
@@ -169,8 +180,9 @@ def tsne_figure(
     seed: int = 0,
     device: torch.device | None = None,
     progress: Any = None,
-) -> dict[str, float]:
-    """Write the t-SNE figure; returns each feature kind's label silhouette (cosine)."""
+) -> dict[str, dict[str, float]]:
+    """Write the t-SNE figure; returns each feature kind's label silhouette and 5-NN label
+    accuracy (``{"silhouette": {kind: value}, "knn": {kind: value}}``)."""
     from sklearn.manifold import TSNE
     from sklearn.metrics import silhouette_score
 
@@ -207,19 +219,20 @@ def tsne_figure(
     classes = list(meta.classes)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
-    silhouettes = {}
+    silhouettes, knn = {}, {}
     palette = [plt.get_cmap(m)(i) for m in ("tab20", "tab20b", "tab20c") for i in range(20)]
     for ax, (title, key) in zip(axes, kinds.items(), strict=True):
         x = np.concatenate(feats[key])
         silhouettes[title] = float(silhouette_score(x, labels, metric="cosine"))
+        knn[title] = knn_accuracy(x, labels)
         perplexity = float(min(30.0, (len(x) - 1) / 3))
         xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
         for c in np.unique(labels):
             sel = labels == c
             ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=palette[int(c) % len(palette)],
                        label=classes[c])  # fmt: skip
-        ax.set_title(f"{title}\nlabel silhouette (cosine, before t-SNE) "
-                     f"{silhouettes[title]:+.2f}", fontsize=10)  # fmt: skip
+        ax.set_title(f"{title}\nbefore t-SNE: label silhouette {silhouettes[title]:+.2f}, "
+                     f"5-NN label accuracy {knn[title]:.2f}", fontsize=10)  # fmt: skip
         ax.set_xticks([])
         ax.set_yticks([])
     handles, texts = axes[0].get_legend_handles_labels()
@@ -231,4 +244,23 @@ def tsne_figure(
                  fontsize=10)  # fmt: skip
     fig.tight_layout(rect=(0, 0.045 * legend_rows + 0.02, 1, 1))
     _save(fig, out)
-    return silhouettes
+    return {"silhouette": silhouettes, "knn": knn}
+
+
+def knn_accuracy(x: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
+    """Leave-one-out accuracy of a ``k``-nearest-neighbour vote (cosine similarity); ties go
+    to the label of the nearer neighbour."""
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+    sim = unit @ unit.T
+    np.fill_diagonal(sim, -np.inf)
+    k = min(k, len(x) - 1)
+    near = np.argsort(-sim, axis=1)[:, :k]  # nearest first
+    correct = 0
+    for i, row in enumerate(near):
+        votes: dict[int, int] = {}
+        for j in row:
+            votes[int(labels[j])] = votes.get(int(labels[j]), 0) + 1
+        top = max(votes.values())
+        winner = next(int(labels[j]) for j in row if votes[int(labels[j])] == top)
+        correct += winner == labels[i]
+    return correct / len(x)

@@ -220,10 +220,10 @@ def test_attention_figure_of_a_trained_model(trained, tmp_path):
 
     image = sorted(trained.images.glob("*.jpg"))[0]
     shown = attention_figure(trained.model, image, tmp_path / "a.png", top=2)
-    assert 1 <= len(shown) <= 2 and all(0 <= s <= 1 for _, s in shown)
+    assert 1 <= len(shown) <= 2 and all(0 <= s <= 1 and -1e-6 <= o <= 1 + 1e-6 for _, s, o in shown)
     assert (tmp_path / "a.png").stat().st_size > 5_000
     chosen = attention_figure(trained.model, image, tmp_path / "b.png", labels=["red", "blue"])
-    assert [name for name, _ in chosen] == ["red", "blue"]
+    assert [name for name, *_ in chosen] == ["red", "blue"]
     with pytest.raises(ConfigError, match="unknown label 'zebra'"):
         attention_figure(trained.model, image, tmp_path / "c.png", labels=["zebra"])
     with pytest.raises(DataError, match="no such image file"):
@@ -237,8 +237,9 @@ def test_attention_figure_of_a_trained_model(trained, tmp_path):
 def test_tsne_figure_of_a_trained_model(trained, tmp_path):
     from lcm.visualize import tsne_figure
 
-    sil = tsne_figure(trained.model, str(trained.shards), tmp_path / "t.png", max_images=24)
-    assert len(sil) == 3 and all(-1 <= v <= 1 for v in sil.values())
+    got = tsne_figure(trained.model, str(trained.shards), tmp_path / "t.png", max_images=24)
+    assert len(got["silhouette"]) == 3 and all(-1 <= v <= 1 for v in got["silhouette"].values())
+    assert all(0 <= v <= 1 for v in got["knn"].values())
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
@@ -268,7 +269,7 @@ def test_attention_with_a_gap_baseline_adds_its_class_activation_maps(trained, t
     image = sorted(trained.images.glob("*.jpg"))[0]
     shown = attention_figure(trained.model, image, tmp_path / "a.png", labels=["red"],
                              baseline=tmp_path / "gap")  # fmt: skip
-    assert [name for name, _ in shown] == ["red"] and (tmp_path / "a.png").exists()
+    assert [name for name, *_ in shown] == ["red"] and (tmp_path / "a.png").exists()
     with pytest.raises(ConfigError, match="a 'gap' model; this needs an 'lcm' checkpoint"):
         attention_figure(tmp_path / "gap", image, tmp_path / "b.png")
 
@@ -285,3 +286,14 @@ def test_partial_report_puts_the_papers_table_beside_ours(tmp_path):
     assert "**10% missing**" in text and "**agrees**: beta 0.1 is best" in text
     assert "larger beta) on our data: **agrees**" in text
     assert (tmp_path / "tiny.png").stat().st_size > 10_000 and (tmp_path / "tiny.md").exists()
+
+
+def test_knn_accuracy_counts_neighbours_of_the_same_label():
+    from lcm.visualize import knn_accuracy
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8)) * 10
+    labels = np.repeat([0, 1, 2], 20)
+    x = centres[labels] + rng.normal(size=(60, 8))
+    assert knn_accuracy(x, labels) == 1.0
+    assert knn_accuracy(rng.normal(size=(60, 8)), labels) < 0.6
