@@ -640,11 +640,11 @@ def ablate(
     grid: Annotated[str, typer.Option(help="quick (a 2-core CPU, < 1 h) | full (a GPU).")] = (
         "quick"
     ),
-    seeds: Annotated[int | None, typer.Option(help="Seeds per point [quick 2, full 5].")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per point (quick 2, full 5).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out_dir: Annotated[Path, typer.Option("--out", help="Results directory.")] = Path("studies"),
     profile: Annotated[
-        str | None, typer.Option(help="Data and schedule: quick | full | tiny [the grid's].")
+        str | None, typer.Option(help="Data and schedule: quick | full | tiny (the grid's).")
     ] = None,
     values: Annotated[
         str | None, typer.Option(help="Swept values instead of the grid's, e.g. 1,3.")
@@ -653,7 +653,7 @@ def ablate(
         str | None, typer.Option(help="partial: missing ratios instead of the grid's.")
     ] = None,
     jobs: Annotated[
-        int | None, typer.Option(help="Runs at once [CPU: one per core; GPU: 4].")
+        int | None, typer.Option(help="Runs at once (CPU: one per core; GPU: 4).")
     ] = None,
     budget: Annotated[
         float | None, typer.Option(help="Seconds; no run starts after (rerun to continue).")
@@ -693,7 +693,7 @@ def visualize_attention(
     image: Annotated[Path, typer.Option(help="JPEG or PNG file.")],
     out_file: Annotated[Path, typer.Option("--out", help="PNG to write.")],
     labels: Annotated[
-        str | None, typer.Option(help="Comma-separated labels [the predicted ones].")
+        str | None, typer.Option(help="Comma-separated labels (the predicted ones).")
     ] = None,
     top: Annotated[int, typer.Option(help="At most this many predicted labels.")] = 4,
     baseline: Annotated[
