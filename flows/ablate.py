@@ -145,7 +145,7 @@ def ablate_flow(request: AblateRequest) -> dict[str, Any]:
     started, failed = time.perf_counter(), []
     pending = list(todo.items())
     inflight: dict[Any, tuple[str, grids.Point, dict]] = {}
-    finished, spent = 0, []
+    finished, spent, markdown = 0, [], None
     while pending or inflight:
         over = request.budget is not None and time.perf_counter() - started > request.budget
         while pending and len(inflight) < jobs and not over:
@@ -169,14 +169,15 @@ def ablate_flow(request: AblateRequest) -> dict[str, Any]:
         finished += 1
         row = {"key": key, "settings": settings, "params": params, "device": name, **row}
         runs[key] = results.append_run(out, row)
-        _write(study, profile, keyed, runs, out, num_classes)
+        markdown = _write(study, profile, keyed, runs, out, num_classes)
         elapsed = time.perf_counter() - started
         spent.append(row["seconds"])
         left = sum(spent) / len(spent) * math.ceil((len(todo) - finished - len(failed)) / jobs)
         log.info("[%d/%d] %s: mAP %.1f (%.0f s); %.0f s so far, about %.0f s to go",
                  finished, len(todo), _label(point), 100 * row["mAP"], row["seconds"], elapsed,
                  left)  # fmt: skip
-    markdown = _write(study, profile, keyed, runs, out, num_classes)
+    if markdown is None:  # no run finished in this call: draw from the log alone
+        markdown = _write(study, profile, keyed, runs, out, num_classes)
     create_markdown_artifact(key=f"ablate-{study.name}", markdown=markdown)
     if failed:
         raise LcmError(f"{len(failed)} of {len(todo)} runs failed (rerun to retry them): "

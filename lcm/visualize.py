@@ -58,16 +58,20 @@ def _pixels(image: Path, size: int) -> torch.Tensor:
     return eval_transform(size).pixels(img)
 
 
-def _save(fig: Any, out: Path) -> None:
-    """Write the PNG under a temporary name and rename it: never half a file."""
+def save_png(fig: Any, out: Path) -> None:
+    """Write ``fig`` as a PNG under a temporary name and rename it (never half a file);
+    closes the figure."""
     import matplotlib.pyplot as plt
+
+    from lcm.io import atomic_path
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _pyplot() -> Any:
@@ -139,8 +143,7 @@ def attention_figure(
         base = _load(baseline, weights, device, "gap")
         if list(base.meta.classes) != classes:
             raise ConfigError(f"{baseline}: its labels differ from {model_dir}'s")
-        xb = normalize(_pixels(image, meta.image_size)[None].to(device), mean=base.meta.mean,
-                       std=base.meta.std)  # fmt: skip
+        xb = normalize(px[None].to(device), mean=base.meta.mean, std=base.meta.std)
         columns = {"plain ResNet (CAM)": base.model.forward_features(xb)["cam"][0, chosen]
                    .relu(), **columns}  # fmt: skip
     size = meta.image_size
@@ -165,7 +168,7 @@ def attention_figure(
     h, w = feats["class_attention"].shape[-2:]
     fig.suptitle(f"{Path(image).name} ({size} px; maps {h} x {w}, upsampled)", fontsize=9)
     fig.tight_layout()
-    _save(fig, out)
+    save_png(fig, out)
     return [(classes[c], float(scores[c]), overlap[i]) for i, c in enumerate(chosen)]
 
 
@@ -243,7 +246,7 @@ def tsne_figure(
     fig.suptitle(f"{len(labels)} positive labels of {seen} val images, {meta.image_size} px",
                  fontsize=10)  # fmt: skip
     fig.tight_layout(rect=(0, 0.045 * legend_rows + 0.02, 1, 1))
-    _save(fig, out)
+    save_png(fig, out)
     return {"silhouette": silhouettes, "knn": knn}
 
 

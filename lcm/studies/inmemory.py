@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lcm.config import Params
 from lcm.errors import DataError
+from lcm.io import atomic_path
 
 TENSORS_FILE = "tensors.pt"
 
@@ -63,9 +64,8 @@ def build_tier(cache: Path, tier: str, n_train: int, n_val: int, size: int) -> P
             t.column("labels").to_pylist(), t.column("ignore").to_pylist(), manifest.num_classes
         ))  # fmt: skip
         doc["classes"] = list(manifest.classes)
-    tmp = out.with_suffix(".tmp")
-    torch.save(doc, tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        torch.save(doc, tmp)
     return out
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from lcm.io import atomic_write_text
 from lcm.studies.grids import PAPER_PARTIAL, PAPER_PARTIAL_BEST, Profile, Study
 
 
@@ -58,11 +59,7 @@ class Fit:
     def diff(self, a: float, b: float) -> Estimate:
         """fit(a) - fit(b) with its 95% t-interval."""
         g = (_basis(np.array([a]), self.degree) - _basis(np.array([b]), self.degree))[0]
-        est = float(g @ self.coef)
-        if self.cov is None:
-            return Estimate(est, math.nan, math.nan)
-        half = _t975(self.df) * math.sqrt(max(float(g @ self.cov @ g), 0.0))
-        return Estimate(est, est - half, est + half)
+        return _contrast(g, self.coef, self.cov, self.df)
 
 
 def _basis(x: np.ndarray, degree: int) -> np.ndarray:
@@ -75,19 +72,31 @@ def _t975(df: int) -> float:
     return float(stats.t.ppf(0.975, df))
 
 
+def _ols(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Least squares of ``y`` on the columns of ``a``: coefficients, their covariance (None
+    without residual degrees of freedom) and those degrees of freedom."""
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    df = len(y) - a.shape[1]
+    if df <= 0:
+        return coef, None, df
+    resid = y - a @ coef
+    return coef, float(resid @ resid) / df * np.linalg.pinv(a.T @ a), df
+
+
+def _contrast(g: np.ndarray, coef: np.ndarray, cov: np.ndarray | None, df: int) -> Estimate:
+    """``g . coef`` with its 95% t-interval (NaN bounds without a noise estimate)."""
+    est = float(g @ coef)
+    if cov is None:
+        return Estimate(est, math.nan, math.nan)
+    half = _t975(df) * math.sqrt(max(float(g @ cov @ g), 0.0))
+    return Estimate(est, est - half, est + half)
+
+
 def fit_poly(x: np.ndarray, y: np.ndarray, degree: int) -> Fit:
     """OLS of ``y`` on ``1, x, ..., x^degree``; ``degree`` is capped by the levels present."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     degree = max(0, min(degree, len(np.unique(x)) - 1))
-    a = _basis(x, degree)
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-    df = len(y) - (degree + 1)
-    cov = None
-    if df > 0:
-        resid = y - a @ coef
-        sigma2 = float(resid @ resid) / df
-        cov = sigma2 * np.linalg.pinv(a.T @ a)
-    return Fit(degree, coef, cov, df)
+    return Fit(degree, *_ols(_basis(x, degree), y))
 
 
 def slope(x: np.ndarray, y: np.ndarray) -> Estimate:
@@ -95,10 +104,7 @@ def slope(x: np.ndarray, y: np.ndarray) -> Estimate:
     f = fit_poly(x, y, 1)
     if f.degree < 1:
         return Estimate(math.nan, math.nan, math.nan)
-    if f.cov is None:
-        return Estimate(float(f.coef[1]), math.nan, math.nan)
-    half = _t975(f.df) * math.sqrt(f.cov[1, 1])
-    return Estimate(float(f.coef[1]), float(f.coef[1]) - half, float(f.coef[1]) + half)
+    return _contrast(np.array([0.0, 1.0]), f.coef, f.cov, f.df)
 
 
 @dataclass(frozen=True)
@@ -155,15 +161,10 @@ def _span(est: Estimate, lo: float, hi: float) -> str:
 def interaction(m: np.ndarray, beta: np.ndarray, y: np.ndarray) -> Estimate:
     """The ``missing x beta`` coefficient of ``mAP ~ 1 + missing + beta + missing x beta``,
     in mAP points per (unit missing x unit beta), with its 95% interval."""
-    a = np.stack([np.ones_like(m), m, beta, m * beta], axis=1)
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-    df = len(y) - 4
-    if df <= 0 or len(np.unique(m)) < 2 or len(np.unique(beta)) < 2:
-        return Estimate(float(coef[3]), math.nan, math.nan)
-    resid = y - a @ coef
-    cov = float(resid @ resid) / df * np.linalg.pinv(a.T @ a)
-    half = _t975(df) * math.sqrt(cov[3, 3])
-    return Estimate(float(coef[3]), float(coef[3]) - half, float(coef[3]) + half)
+    coef, cov, df = _ols(np.stack([np.ones_like(m), m, beta, m * beta], axis=1), y)
+    if len(np.unique(m)) < 2 or len(np.unique(beta)) < 2:
+        cov = None  # the term is not identified: no interval
+    return _contrast(np.array([0.0, 0.0, 0.0, 1.0]), coef, cov, df)
 
 
 # ----------------------------------------------------------------------------- table, figure
@@ -198,7 +199,7 @@ def write_report(study: Study, profile: Profile, rows: list[dict], out_dir: Path
     else:
         body = _sweep_section(study, rows, out_dir / f"{profile.name}.png", caption)
     text = "\n".join(head + body + (extra or [])) + "\n"
-    (out_dir / f"{profile.name}.md").write_text(text)
+    atomic_write_text(out_dir / f"{profile.name}.md", text)
     return text
 
 
@@ -283,7 +284,7 @@ def _axes(title: str, xlabel: str) -> tuple[Any, Any]:
 
 def _plot_sweep(study: Study, rows: list[dict], reading: Reading | None, path: Path,
                 caption: str) -> None:  # fmt: skip
-    import matplotlib.pyplot as plt
+    from lcm.visualize import save_png
 
     fig, ax = _axes(f"{study.name}: mAP against {study.key}\n{caption}", study.label)
     levels = sorted({r["value"] for r in rows})
@@ -300,13 +301,12 @@ def _plot_sweep(study: Study, rows: list[dict], reading: Reading | None, path: P
         ax.axvline(study.paper_best, color="tab:red", ls=":", label="paper's best")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _plot_partial(rows: list[dict], readings: dict[float, Reading], path: Path,
                   caption: str) -> None:  # fmt: skip
-    import matplotlib.pyplot as plt
+    from lcm.visualize import save_png
 
     fig, ax = _axes(f"partial labels: mAP against beta per missing ratio\n{caption}", "beta")
     for i, m in enumerate(sorted({r["missing"] for r in rows})):
@@ -322,8 +322,7 @@ def _plot_partial(rows: list[dict], readings: dict[float, Reading], path: Path,
             ax.axvline(best, color=color, ls=":", alpha=0.7)
     ax.legend(fontsize=8, title="dotted: paper's best beta", title_fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def inference_cost(profile: Profile, num_classes: int = 20) -> list[str]:

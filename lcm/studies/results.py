@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from lcm.errors import DataError
+from lcm.io import atomic_path
 from lcm.studies.grids import memberships
 
 RUNS_FILE = "runs.jsonl"
@@ -126,9 +127,8 @@ def write_tables(out: Path, rows: list[dict], runs: dict[str, dict]) -> None:
     """``results.csv`` and ``studies.duckdb`` from the rows, each replaced atomically."""
     out = Path(out)
     table = pa.Table.from_pylist(rows, schema=_SCHEMA)
-    tmp_csv = out / f".{CSV_FILE}.tmp"
-    pacsv.write_csv(table, tmp_csv)
-    tmp_csv.replace(out / CSV_FILE)
+    with atomic_path(out / CSV_FILE) as tmp:
+        pacsv.write_csv(table, tmp)
     run_table = pa.Table.from_pylist([
         {"run_key": k, "settings": json.dumps(r["settings"], sort_keys=True),
          "params": json.dumps(r["params"], sort_keys=True), "device": r["device"],
@@ -142,14 +142,13 @@ def write_tables(out: Path, rows: list[dict], runs: dict[str, dict]) -> None:
         ("aux_curve", pa.list_(pa.float64())), ("per_class", pa.string()),
         ("finished_at", pa.string()), *((m, pa.float64()) for m in METRICS),
     ]))  # fmt: skip
-    tmp_db = out / f".{DB_FILE}.tmp"
-    tmp_db.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp_db))
-    try:
-        con.register("results_arrow", table)
-        con.register("runs_arrow", run_table)
-        con.execute("CREATE TABLE ablation_results AS SELECT * FROM results_arrow")
-        con.execute("CREATE TABLE ablation_runs AS SELECT * FROM runs_arrow")
-    finally:
-        con.close()
-    tmp_db.replace(out / DB_FILE)
+    with atomic_path(out / DB_FILE) as tmp:
+        tmp.unlink()  # DuckDB creates the file itself
+        con = duckdb.connect(str(tmp))
+        try:
+            con.register("results_arrow", table)
+            con.register("runs_arrow", run_table)
+            con.execute("CREATE TABLE ablation_results AS SELECT * FROM results_arrow")
+            con.execute("CREATE TABLE ablation_runs AS SELECT * FROM runs_arrow")
+        finally:
+            con.close()
