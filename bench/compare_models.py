@@ -57,6 +57,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "smoke": {"n_train": 64, "n_val": 32, "size": 64, "epochs": 1, "seeds": 2, "batch": 32},
 }
+from lcm.config import FIRST_RECONSTRUCTION  # noqa: E402
 from lcm.studies.grids import BASE_MODEL, BASE_TRAIN  # noqa: E402  (the studies' recipe too)
 
 MODEL = {k: v for k, v in BASE_MODEL.items() if k not in ("arch", "mask_ratio")}
@@ -70,16 +71,30 @@ SWITCHES = {
     "prior_bias": {"model": {"prior_bias": True}},
     "label_embed": {"model": {"label_embed": True}},
 }
+# The redesign's hygiene (README "The model"): LayerNorm on the tokens, embeddings and label
+# queries at unit scale, cosine prototype scores with a learned temperature.
+HYGIENE = {"token_norm": True, "embed_init": 1.0, "prototype_score": "cosine"}
+V1 = {"arch": "lcm", "context_read": "attend", "readout": "context", **HYGIENE}
+V2 = {"arch": "lcm", "context_read": "direct", "readout": "context", **HYGIENE}
 ARMS: dict[str, dict[str, Any]] = {
     "gap": {"arch": "gap"},
     "gap_eqmacs": {"arch": "gap"},  # epochs scaled by LCM's MACs / gap's
     "gap_mlp": {"arch": "gap_mlp", "mlp_hidden": 512},
-    "lcm": {"arch": "lcm"},
-    "lcm_sum": {"arch": "lcm", "fusion": "sum"},
-    "lcm_noctx": {"arch": "lcm", "context_tokens": False},
+    # the first reconstruction, spelled out: BASE_MODEL holds the current default
+    "lcm": {"arch": "lcm", **FIRST_RECONSTRUCTION},
+    "lcm_sum": {"arch": "lcm", **FIRST_RECONSTRUCTION, "fusion": "sum"},
+    "lcm_noctx": {"arch": "lcm", **FIRST_RECONSTRUCTION, "context_tokens": False},
+    # the redesign's variants (README "Results": screening)
+    "lcm_hyg": {"arch": "lcm", **FIRST_RECONSTRUCTION, **HYGIENE},  # today's read, hygiene
+    "lcm_v1": V1,  # 74.5M at ResNet-101 scale: outside the paper's +-3%
+    "lcm_v1s": {**V1, "ffn": 192},  # FFN x0.75 (2048 -> 1536 at scale): 71.4M, inside
+    "lcm_v2": V2,
+    "lcm_v2_sum": {**V2, "readout": "sum"},  # the readout's share of V2
+    "lcm_v2_lab": {**V2, "label_embed": True},  # V2 with a label-identity embedding
     "q2l": {"arch": "q2l"},
 }
 TIERS = ("context", "interaction")
+CURVE_ARMS = ("gap", "gap_mlp", "lcm", "lcm_v1s", "lcm_v2", "q2l")  # those present are drawn
 
 
 @dataclass(frozen=True)
@@ -183,7 +198,8 @@ def write_report(out: Path, rows: list[dict], roles: dict[str, dict], info: dict
         base = [r for r in tier_rows if r["arm"] == "gap" and r["recipe"] == "recipe"]
         lines += [f"### {tier} tier", "",
                   "| arm | seeds | epochs | GMACs / image | mAP | Δ mAP vs gap [95% CI] | "
-                  "look-alike AP |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "look-alike AP | train mAP | train look-alike AP |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for arm in [*ARMS, "lcm_aux"]:
             src = "lcm" if arm == "lcm_aux" else arm
             arm_rows = [r for r in tier_rows if r["arm"] == src and r["recipe"] == "recipe"]
@@ -192,11 +208,16 @@ def write_report(out: Path, rows: list[dict], roles: dict[str, dict], info: dict
             key, pc = ("aux_mAP", "aux_per_class") if arm == "lcm_aux" else ("mAP", "per_class")
             m, sd = _stats([r[key] for r in arm_rows])
             la = _stats([_lookalike_ap(r, roles[tier], pc) for r in arm_rows])
+            train = "- | -"  # the final weights on the train split (main head only)
+            if arm != "lcm_aux" and all("train_mAP" in r for r in arm_rows):
+                tm = _stats([r["train_mAP"] for r in arm_rows])
+                tla = _stats([_lookalike_ap(r, roles[tier], "train_per_class") for r in arm_rows])
+                train = f"{tm[0]:.1f} ± {tm[1]:.1f} | {tla[0]:.1f} ± {tla[1]:.1f}"
             lines.append(
                 f"| {arm} | {len(arm_rows)} | {arm_rows[0]['epochs']} | "
                 f"{info['gmacs'][tier][src]:.3f} | {m:.1f} ± {sd:.1f} | "
                 f"{_diff_ci(arm_rows, base, key) if arm != 'gap' else '-'} | "
-                f"{la[0]:.1f} ± {la[1]:.1f} |"
+                f"{la[0]:.1f} ± {la[1]:.1f} | {train} |"
             )
         lines.append("")
     for tier in TIERS:  # per-class AP of the look-alikes, the classes the tiers are about
@@ -249,7 +270,7 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
     tiers = [t for t in TIERS if any(r["tier"] == t for r in rows)]  # no empty panels
     fig, axes = plt.subplots(1, len(tiers), figsize=(5.5 * len(tiers), 4), squeeze=False)
     for ax, tier in zip(axes[0], tiers, strict=True):
-        for arm in ("gap", "gap_mlp", "lcm", "q2l"):
+        for arm in CURVE_ARMS:
             sel = [
                 r["curve"]
                 for r in rows
@@ -301,6 +322,7 @@ def main() -> None:
     ap.add_argument("--no-study", dest="study", action="store_false")
     ap.add_argument("--budget", type=float, default=None, help="seconds; later runs skipped")
     ap.add_argument("--data", type=Path, default=None, help="data cache [default: OUT/data]")
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the tiers' generator")
     for name in ("n_train", "n_val", "size", "epochs", "seeds", "batch"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     args = ap.parse_args()
@@ -317,13 +339,15 @@ def main() -> None:
     device = select_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     data_dir = args.data or args.out / "data"
-    data = {t: str(build_tier(data_dir, t, args.n_train, args.n_val, args.size))
+    data = {t: str(build_tier(data_dir, t, args.n_train, args.n_val, args.size, args.data_seed))
             for t in args.tiers}  # fmt: skip  # cached: reused when it exists
     n_cls = {t: len(torch.load(f, weights_only=True)["classes"]) for t, f in data.items()}
     macs = {t: {a: gmacs(a, args.size, n_cls[t]) for a in ARMS} for t in args.tiers}
     ratio = max(m["lcm"] / m["gap"] for m in macs.values())
     results = args.out / "runs.jsonl"
     settings = {k: getattr(args, k) for k in ("n_train", "n_val", "size", "epochs", "batch")}
+    if args.data_seed:  # absent for seed 0, so the results before the option stay comparable
+        settings["data_seed"] = args.data_seed
     settings_file = args.out / "settings.json"
     if results.exists() and settings_file.exists():
         before = json.loads(settings_file.read_text())
@@ -352,7 +376,8 @@ def main() -> None:
                 break
     roles = {t: torch.load(f, weights_only=True)["roles"] for t, f in data.items()}
     header = (
-        f"{args.n_train} train / {args.n_val} val images per tier at {args.size} px, ResNet-18 "
+        f"{args.n_train} train / {args.n_val} val images per tier at {args.size} px "
+        f"(data seed {args.data_seed}), ResNet-18 "
         f"from scratch, batch {args.batch}, AdamW + OneCycle lr {TRAIN['lr']}, "
         f"{args.epochs} epochs (gap_eqmacs: x{ratio:.2f} by MACs), seeds 0-{args.seeds - 1}, "
         f"on {name}; mAP of the final raw weights. Shared recipe: {json.dumps(RECIPE)}. "

@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from lcm.config import ModelConfig, build_section
+from lcm.config import FIRST_RECONSTRUCTION, ModelConfig, build_section
 from lcm.errors import CheckpointError
 from lcm.io import atomic_path, atomic_write_json, read_json
 from lcm.runtime import unwrap
@@ -113,7 +113,9 @@ def load_meta(model_dir: Path) -> ModelMeta:
     missing = f"not found; is {model_dir} a model directory from `lcm train`?"
     raw = read_json(path, missing, CheckpointError)
     try:
-        model = build_section(ModelConfig, raw["model"], f"{path}:model")
+        model = build_section(
+            ModelConfig, {**FIRST_RECONSTRUCTION, **raw["model"]}, f"{path}:model"
+        )
         return ModelMeta(
             model=model,
             classes=tuple(raw["classes"]),

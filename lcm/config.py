@@ -87,6 +87,23 @@ class ModelConfig:
     prior_bias: bool = False  # output biases start at the classes' log-odds (every arch)
     context_tokens: bool = True  # lcm: False drops the context-aware tokens (a control)
     mlp_hidden: int = 512  # gap_mlp: width of its two hidden layers
+    # [ours] LCM's latent-context read and its hygiene (README "The model"; lcm.models.context).
+    # How a class reads its context: dot (parameter-free, the first reconstruction), attend
+    # (label queries, projected multi-head attention over the context tokens) or direct
+    # (label queries split into heads over the feature map + a position code).
+    context_read: Literal["dot", "attend", "direct"] = "dot"
+    readout: Literal["sum", "context"] = "sum"  # logits from both token halves or the context's
+    token_norm: bool = False  # LayerNorm on the class-aware and context-aware tokens
+    embed_init: float = 0.02  # init std of the type / label embeddings and label queries
+    prototype_score: Literal["dot", "cosine"] = "dot"  # cosine: with a learned temperature
+
+
+# What a model.json written before the redesign switches existed means by their absence: the
+# first reconstruction (checkpoint.load_meta fills them in, so such a model loads unchanged).
+FIRST_RECONSTRUCTION: dict[str, Any] = {
+    "context_read": "dot", "readout": "sum", "token_norm": False, "embed_init": 0.02,
+    "prototype_score": "dot",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

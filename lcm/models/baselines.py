@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lcm.config import ModelConfig
 from lcm.errors import ConfigError
 from lcm.models.backbones import create_backbone
+from lcm.models.context import sine_position_code
 from lcm.models.lcm import PerClassLinear, reinit_layers
 from lcm.models.registry import ModelOutput, register_model
 
@@ -106,20 +107,6 @@ class Query2Label(nn.Module):
         queries = self.queries.unsqueeze(0).expand(b, -1, -1)  # (B, C, D)
         z = self.decoder(queries, memory)  # (B, C, D)
         return ModelOutput(logits=self.head(z))
-
-
-def sine_position_code(
-    h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    """DETR-style fixed 2-D sine/cosine code ``(h*w, dim)``: half the channels for y, half x."""
-    quarter = dim // 4
-    freq = 1.0 / (10000.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
-    ys = torch.arange(h, device=device, dtype=torch.float32)[:, None] * freq  # (h, D/4)
-    xs = torch.arange(w, device=device, dtype=torch.float32)[:, None] * freq  # (w, D/4)
-    code_y = torch.cat([ys.sin(), ys.cos()], dim=-1)[:, None].expand(h, w, 2 * quarter)
-    code_x = torch.cat([xs.sin(), xs.cos()], dim=-1)[None].expand(h, w, 2 * quarter)
-    code = torch.cat([code_y, code_x], dim=-1).reshape(h * w, 4 * quarter)
-    return code.to(dtype)
 
 
 @register_model("gap")

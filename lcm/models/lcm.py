@@ -16,6 +16,17 @@ What comes from the paper and what is our reconstruction:
     the same Transformer run a second time); the optional label-identity embedding
     (``model.label_embed``) and the control without context tokens
     (``model.context_tokens: false``).
+  - [ours] the redesign switches (README "The model"; :mod:`lcm.models.context` for the reads):
+    ``model.context_read`` (``dot``: the parameter-free read above; ``attend``: learned label
+    queries read the context tokens with projected multi-head attention; ``direct``: the label
+    queries read the feature map plus a position code, no projections, no prototypes);
+    ``model.readout`` (``sum``: the two output halves summed; ``context``: logits from the
+    context half only, so a class's own appearance reaches its logit only through attention);
+    ``model.token_norm`` (LayerNorm on both token kinds, which puts them at the scale of the
+    type, label and label-state embeddings); ``model.embed_init`` (those embeddings' init
+    scale); ``model.prototype_score`` (``dot`` or ``cosine`` with a learned temperature).
+    A ``model.json`` without these keys is a model of the first reconstruction
+    (:data:`lcm.config.FIRST_RECONSTRUCTION`).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from torch import Tensor, nn
 from lcm.config import ModelConfig
 from lcm.errors import ConfigError
 from lcm.models.backbones import create_backbone
+from lcm.models.context import LabelQueryRead, pool_context, sine_position_code
 from lcm.models.registry import ModelOutput, register_model
 
 # Label states fed to the partial-label branch. UNKNOWN must be 0: it is the embedding's
@@ -73,23 +85,46 @@ class LCM(nn.Module):
             raise ConfigError(f"model.fusion: {cfg.fusion!r} is not one of ['cat', 'sum']")
         if cfg.prototypes is not None and cfg.prototypes < 1:
             raise ConfigError(f"model.prototypes must be positive or null, got {cfg.prototypes}")
+        if cfg.readout == "context" and (cfg.fusion != "cat" or not cfg.context_tokens):
+            raise ConfigError("model.readout: context needs model.fusion: cat and context tokens")
+        if cfg.context_read == "direct" and cfg.dim % 4:
+            raise ConfigError(f"model.dim ({cfg.dim}) must be divisible by 4 for the direct "
+                              "read's position code")  # fmt: skip
         num_prototypes = cfg.prototypes or num_classes
         dim = cfg.dim
         self.num_classes = num_classes
         self.dim = dim
         self.fusion = cfg.fusion
         self.mask_ratio = cfg.mask_ratio
+        self.context_read = cfg.context_read
+        self.readout = cfg.readout
 
         self.backbone = create_backbone(cfg.backbone, cfg.pretrained)
         channels = self.backbone.out_channels
         self.proj = nn.Conv2d(channels, dim, kernel_size=1)
         self.class_conv = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
-        # Unit-variance prototypes (nn.Embedding's init) so that they assign positions
-        # differently from the first step; near-identical prototypes pool near-identical
-        # context tokens and receive near-identical gradients.
-        self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim))  # (K, D)
+        if cfg.context_read != "direct":  # the direct read looks at positions, not prototypes
+            # Unit-variance prototypes (nn.Embedding's init) so that they assign positions
+            # differently from the first step; near-identical prototypes pool near-identical
+            # context tokens and receive near-identical gradients.
+            self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim))  # (K, D)
+            self.log_temperature = (  # cosine scores: the temperature starts at 10, a softmax
+                # over a few dozen positions neither uniform nor one-hot for cosines in [-1, 1]
+                nn.Parameter(torch.tensor(math.log(10.0)))
+                if cfg.prototype_score == "cosine"
+                else None
+            )
+        if cfg.context_read != "dot":
+            self.read = LabelQueryRead(num_classes, dim, cfg.heads,
+                                       project=cfg.context_read == "attend",
+                                       init_std=cfg.embed_init)  # fmt: skip
+        # LayerNorm on the tokens (and on what the label queries read): without it the
+        # features' norm grows during training (6 -> 34 measured) and dwarfs the embeddings.
+        norm = (lambda: nn.LayerNorm(dim)) if cfg.token_norm else nn.Identity
+        self.norm_cls, self.norm_ctx = norm(), norm()
+        self.norm_read = norm() if cfg.context_read != "dot" else nn.Identity()
         if self.fusion == "cat":
-            self.type_embed = nn.Parameter(torch.randn(2, dim) * 0.02)  # e_cls, e_ctx
+            self.type_embed = nn.Parameter(torch.randn(2, dim) * cfg.embed_init)  # e_cls, e_ctx
         layer = nn.TransformerEncoderLayer(
             dim,
             cfg.heads,
@@ -105,7 +140,9 @@ class LCM(nn.Module):
         # [ours] the paper describes no label-identity embedding: with near-identical tokens
         # (small feature maps) it tells the Transformer whose token it is looking at.
         self.label_embed = (
-            nn.Parameter(torch.randn(num_classes, dim) * 0.02) if cfg.label_embed else None
+            nn.Parameter(torch.randn(num_classes, dim) * cfg.embed_init)
+            if cfg.label_embed
+            else None
         )
         self.head = PerClassLinear(num_classes, dim)
         self.aux_head = PerClassLinear(num_classes, dim)
@@ -128,28 +165,31 @@ class LCM(nn.Module):
         """Intermediate features and attention maps of the main pass, for visualisation.
 
         Keys: ``feature_map`` (B, C_b, h, w); ``class_attention`` A (B, C, h, w), each class's
-        spatial softmax; ``context_assign`` (B, K, h, w), each prototype's spatial softmax;
-        ``context_attention`` (B, C, K), each class's weights over context tokens;
-        ``context_map`` (B, C, h, w), the spatial map a class reaches through its context
-        tokens; ``f_cls``, ``f_ctx``, ``z`` (B, C, D); ``context`` (B, K, D); ``logits`` (B, C).
+        spatial softmax; ``context_map`` (B, C, h, w), the spatial map a class reaches through
+        its context read (sums to 1); ``f_cls``, ``f_ctx``, ``z`` (B, C, D) (the tokens as the
+        Transformer gets them, and its output as the head reads it); ``logits`` (B, C). With
+        prototypes also ``context_assign`` (B, K, h, w), each prototype's spatial softmax,
+        ``context_attention`` (B, C, K), each class's weights over the context tokens, and
+        ``context`` (B, K, D).
         """
         feats = self._embed(images)
         z = self._correlate(feats["f_cls"], feats["f_ctx"])
         h, w = feats["feature_map"].shape[-2:]
         b = images.shape[0]
-        context_map = feats["context_attention"] @ feats["context_assign"]  # (B, C, HW)
-        return {
+        out = {
             "feature_map": feats["feature_map"],
             "class_attention": feats["class_attention"].reshape(b, -1, h, w),
-            "context_assign": feats["context_assign"].reshape(b, -1, h, w),
-            "context_attention": feats["context_attention"],
-            "context_map": context_map.reshape(b, -1, h, w),
+            "context_map": feats["context_map"].reshape(b, -1, h, w),
             "f_cls": feats["f_cls"],
             "f_ctx": feats["f_ctx"],
-            "context": feats["context"],
             "z": z,
             "logits": self.head(z),
         }
+        if "context" in feats:
+            out["context_assign"] = feats["context_assign"].reshape(b, -1, h, w)
+            out["context_attention"] = feats["context_attention"]
+            out["context"] = feats["context"]
+        return out
 
     def forward(self, images: Tensor, targets: Tensor | None = None) -> ModelOutput:
         feats = self._embed(images)
@@ -185,23 +225,26 @@ class LCM(nn.Module):
         # Class-aware: one spatial softmax per class pools the projected features.
         attn_cls = self.class_conv(fmap).flatten(2).softmax(dim=-1)  # (B, C, HW)
         f_cls = attn_cls @ x  # (B, C, D)
-        # Context-aware: each prototype softly selects positions (softmax over HW, not over
-        # prototypes, so every prototype pools a full context token), then each class reads
-        # the context tokens by attention.
-        scale = 1.0 / math.sqrt(self.dim)
-        assign = (x @ self.prototypes.t() * scale).softmax(dim=1)  # (B, HW, K)
-        context = assign.transpose(1, 2) @ x  # (B, K, D)
-        attn_ctx = (f_cls @ context.transpose(1, 2) * scale).softmax(dim=-1)  # (B, C, K)
-        f_ctx = attn_ctx @ context  # (B, C, D)
-        return {
-            "feature_map": fmap,
-            "class_attention": attn_cls,
-            "context_assign": assign.transpose(1, 2),  # (B, K, HW)
-            "context_attention": attn_ctx,
-            "context": context,
-            "f_cls": f_cls,
-            "f_ctx": f_ctx,
-        }
+        feats: dict[str, Tensor] = {"feature_map": fmap, "class_attention": attn_cls}
+        if self.context_read == "direct":
+            h, w = fmap.shape[-2:]
+            pos = sine_position_code(h, w, self.dim, x.device, x.dtype)  # (HW, D)
+            f_ctx, context_map = self.read(self.norm_read(x) + pos, x)  # (B, C, D), (B, C, HW)
+        else:
+            context, assign = pool_context(x, self.prototypes, self.log_temperature)
+            if self.context_read == "dot":
+                scale = 1.0 / math.sqrt(self.dim)
+                attn_ctx = (f_cls @ context.transpose(1, 2) * scale).softmax(dim=-1)  # (B, C, K)
+                f_ctx = attn_ctx @ context  # (B, C, D)
+            else:  # attend
+                read = self.norm_read(context)
+                f_ctx, attn_ctx = self.read(read, read)  # (B, C, D), (B, C, K)
+            context_map = attn_ctx @ assign  # (B, C, HW)
+            feats |= {"context_assign": assign, "context_attention": attn_ctx,
+                      "context": context}  # fmt: skip
+        feats |= {"f_cls": self.norm_cls(f_cls), "f_ctx": self.norm_ctx(f_ctx),
+                  "context_map": context_map}  # fmt: skip
+        return feats
 
     def output_biases(self) -> list[Tensor]:
         return [self.head.bias, self.aux_head.bias]
@@ -217,6 +260,8 @@ class LCM(nn.Module):
         tokens = torch.cat([f_cls + self.type_embed[0], f_ctx + self.type_embed[1]], dim=1)
         z = self.transformer(tokens)  # (B, 2C, D)
         c = self.num_classes
+        if self.readout == "context":  # the class-aware half informs it through attention
+            return z[:, c:]  # (B, C, D)
         return z[:, :c] + z[:, c:]  # (B, C, D): each class's two tokens summed back
 
 

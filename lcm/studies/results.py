@@ -35,7 +35,9 @@ from lcm.studies.grids import memberships
 RUNS_FILE = "runs.jsonl"
 CSV_FILE = "results.csv"
 DB_FILE = "studies.duckdb"
-METRICS = ("mAP", "aux_mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
+# train_*: the final weights scored on the train split, beside the val figures
+METRICS = ("mAP", "aux_mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "lookalike_AP",
+           "train_mAP", "train_lookalike_AP")  # fmt: skip
 
 
 def run_key(settings: dict[str, Any], params: dict[str, Any]) -> str:
