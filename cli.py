@@ -715,6 +715,34 @@ def visualize_attention(
     out.print(f"wrote {out_file}: {rows}", highlight=False)
 
 
+@visualize_app.command("reach")
+def visualize_reach(
+    checkpoint: Annotated[Path, typer.Option(help="LCM model directory.")],
+    raw: Annotated[Path, typer.Option(help="Root of an interaction-tier `lcm data synth` set.")],
+    split: Annotated[str, typer.Option(help="train | val")] = "val",
+    max_images: Annotated[int, typer.Option(help="Images read, in file order.")] = 500,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Also write the table (Markdown) here.")
+    ] = None,
+    weights: Annotated[str, typer.Option(help="raw | ema")] = "raw",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+) -> None:
+    """Per label: the share of its class-aware and of its context map's mass on anchor glyphs
+    (the paper's Fig. 3 claim that context maps reach the context, measured)."""
+    from lcm.io import atomic_write_text
+    from lcm.reach import anchor_reach, reach_table
+    from lcm.runtime import select_device
+
+    with progress_bar("images") as bar:
+        got = anchor_reach(checkpoint, raw, split, weights=weights, max_images=max_images,
+                           device=select_device(device), progress=bar)  # fmt: skip
+    table = reach_table(got)
+    out.print(table, highlight=False)
+    if out_file is not None:
+        atomic_write_text(out_file, table)
+        out.print(f"wrote {out_file}", highlight=False)
+
+
 @visualize_app.command("tsne")
 def visualize_tsne(
     checkpoint: Annotated[Path, typer.Option(help="LCM model directory.")],

@@ -147,14 +147,17 @@ def gmacs(arm: str, size: int, num_classes: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------- run
-def run_job(job: Job, data_file: str, size: int, device_name: str) -> dict[str, Any]:
-    """Train one arm in memory; val mAP (and the aux head's) after every epoch."""
+def run_job(
+    job: Job, data_file: str, size: int, device_name: str, score_every: int = 1
+) -> dict[str, Any]:
+    """Train one arm in memory; val mAP (and the aux head's) after every ``score_every``-th
+    epoch and each of the last five (the final metrics do not depend on it)."""
     import torch
 
     from lcm.studies.inmemory import train_in_memory
 
     torch.set_num_threads(1)
-    row = train_in_memory(job_params(job, size, device_name), data_file)
+    row = train_in_memory(job_params(job, size, device_name), data_file, score_every=score_every)
     return {"key": job.key, **job.__dict__, **row}
 
 
@@ -272,14 +275,13 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
     for ax, tier in zip(axes[0], tiers, strict=True):
         for arm in CURVE_ARMS:
             sel = [
-                r["curve"]
-                for r in rows
-                if r["tier"] == tier and r["arm"] == arm and r["recipe"] == "recipe"
+                r for r in rows if r["tier"] == tier and r["arm"] == arm and r["recipe"] == "recipe"
             ]
             if not sel:
                 continue
-            curves = 100 * np.asarray([c for c in sel if len(c) == len(sel[0])])
-            epochs = np.arange(1, curves.shape[1] + 1)
+            sel = [r for r in sel if len(r["curve"]) == len(sel[0]["curve"])]
+            curves = 100 * np.asarray([r["curve"] for r in sel])
+            epochs = sel[0].get("curve_epochs") or np.arange(1, curves.shape[1] + 1)
             ax.plot(epochs, curves.mean(0), label=f"{arm} ({len(curves)} seeds)")
             ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.15)
         ax.set(title=f"{tier} tier", xlabel="epoch", ylabel="val mAP (raw weights)")
@@ -323,6 +325,12 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=None, help="seconds; later runs skipped")
     ap.add_argument("--data", type=Path, default=None, help="data cache [default: OUT/data]")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the tiers' generator")
+    ap.add_argument(
+        "--score-every",
+        type=int,
+        default=1,
+        help="val curve every N epochs (and the last 5); final metrics unchanged",
+    )
     for name in ("n_train", "n_val", "size", "epochs", "seeds", "batch"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     args = ap.parse_args()
@@ -362,7 +370,7 @@ def main() -> None:
     progress(f"{len(todo)} runs to do ({len(done)} done before) on {name}, {args.jobs} at a time")
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(args.jobs) as pool, results.open("a") as sink:
-        pending = [(j, data[j.tier], args.size, device.type) for j in todo]
+        pending = [(j, data[j.tier], args.size, device.type, args.score_every) for j in todo]
         it = pool.imap_unordered(_run_packed, pending)
         for k, row in enumerate(it, 1):
             sink.write(json.dumps(row) + "\n")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lcm.config import LossConfig, ModelConfig
+from lcm.checkpoint import load_for_inference
+from lcm.config import FIRST_RECONSTRUCTION, LossConfig, ModelConfig
 from lcm.errors import CheckpointError, ConfigError
 from lcm.models import MODELS, build_model
 from lcm.models.backbones import BACKBONES, create_backbone, hub_weights_path
@@ -28,6 +32,16 @@ TINY = ModelConfig(backbone="resnet18", dim=32, heads=4, ffn=64, depth=2, dropou
 
 def tiny(**overrides: object) -> ModelConfig:
     return dataclasses.replace(TINY, **overrides)
+
+
+# The latent-context designs (lcm.models.context): the first reconstruction and the redesign's
+# reads, each with the hygiene switches that go with it.
+HYGIENE = {"token_norm": True, "embed_init": 1.0, "prototype_score": "cosine"}
+DESIGNS = {
+    "first": FIRST_RECONSTRUCTION,
+    "attend": {"context_read": "attend", "readout": "context", **HYGIENE},
+    "direct": {"context_read": "direct", "readout": "context", **HYGIENE},
+}
 
 
 def random_batch(n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +87,12 @@ def assert_trains(
         {"arch": "lcm", "prototypes": 3},
         {"arch": "lcm", "label_embed": True, "reinit_layers": True},
         {"arch": "lcm", "context_tokens": False},
+        {"arch": "lcm", **FIRST_RECONSTRUCTION, **HYGIENE},
+        {"arch": "lcm", "context_read": "attend", "readout": "context", **HYGIENE},
+        {"arch": "lcm", "context_read": "attend", "prototypes": 3},
+        {"arch": "lcm", "context_read": "direct", "readout": "context", **HYGIENE},
+        {"arch": "lcm", "context_read": "direct", "label_embed": True, "token_norm": True},
+        {"arch": "lcm", "context_read": "direct", "fusion": "sum"},
         {"arch": "gap"},
         {"arch": "gap_mlp", "mlp_hidden": 16},
         {"arch": "q2l", "reinit_layers": True},
@@ -85,6 +105,8 @@ def test_arch_registry_forward_backward(overrides: dict) -> None:
     # the control without context tokens keeps the context machinery, unused
     unused = {"prototypes", "type_embed"} if overrides.get("context_tokens") is False else set()
     assert_trains(model, unused)
+    if overrides.get("context_read") == "direct":  # reads positions: no prototypes to learn
+        assert not any("prototypes" in name for name, _ in model.named_parameters())
     assert set(MODELS) == {"lcm", "gap", "gap_mlp", "q2l"}
 
 
@@ -109,9 +131,10 @@ def test_lcm_outputs_by_mode() -> None:
     assert model(images).mask_logits is None  # no targets, no branch
 
 
-def test_eval_ignores_targets() -> None:
+@pytest.mark.parametrize("design", DESIGNS)
+def test_eval_ignores_targets(design: str) -> None:
     torch.manual_seed(0)
-    model = build_model(tiny(dropout=0.1, mask_ratio=0.5), C).eval()
+    model = build_model(tiny(dropout=0.1, mask_ratio=0.5, **DESIGNS[design]), C).eval()
     calls = count_transformer_calls(model)
     images, targets = random_batch()
     with torch.no_grad():
@@ -123,10 +146,11 @@ def test_eval_ignores_targets() -> None:
     assert torch.equal(plain.aux_logits, with_targets.aux_logits)
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize(("branch", "passes"), [(True, 2), (False, 1)])
-def test_branch_flag_controls_second_pass(branch: bool, passes: int) -> None:
+def test_branch_flag_controls_second_pass(branch: bool, passes: int, design: str) -> None:
     torch.manual_seed(0)
-    model = build_model(tiny(), C, branch=branch).train()
+    model = build_model(tiny(**DESIGNS[design]), C, branch=branch).train()
     calls = count_transformer_calls(model)
     images, targets = random_batch()
     out = model(images, targets)
@@ -142,11 +166,12 @@ def test_branch_flag_controls_second_pass(branch: bool, passes: int) -> None:
         assert (p.grad is not None) == p.requires_grad, name
 
 
-def test_all_unknown_states_reproduce_main_pass() -> None:
+@pytest.mark.parametrize("design", DESIGNS)
+def test_all_unknown_states_reproduce_main_pass(design: str) -> None:
     # State 0 embeds to zero, so a branch pass that hides everything is the main pass:
     # this is why inference needs no branch.
     torch.manual_seed(0)
-    model = build_model(tiny(mask_ratio=1.0), C).train()
+    model = build_model(tiny(mask_ratio=1.0, **DESIGNS[design]), C).train()
     images, targets = random_batch()
     out = model(images, targets)
     assert torch.equal(out.hidden, targets >= 0)
@@ -217,6 +242,36 @@ def test_forward_features() -> None:
     torch.testing.assert_close(feats["class_attention"].sum(dim=(2, 3)), ones)
     torch.testing.assert_close(feats["context_map"].sum(dim=(2, 3)), ones)
     torch.testing.assert_close(feats["logits"], logits)
+
+
+@pytest.mark.parametrize("read", ["attend", "direct"])
+def test_forward_features_of_the_label_query_reads(read: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(context_read=read, readout="context", **HYGIENE), C).eval()
+    images, _ = random_batch()
+    with torch.no_grad():
+        feats = model.forward_features(images)
+        logits = model(images).logits
+    h = w = SIZE // 32
+    assert feats["context_map"].shape == (2, C, h, w)
+    torch.testing.assert_close(feats["context_map"].sum(dim=(2, 3)), torch.ones(2, C))
+    assert ("context_assign" in feats) == (read == "attend")  # direct: no prototypes
+    torch.testing.assert_close(feats["logits"], logits)
+    # the context readout: the logits read the context half of the Transformer's output
+    tokens = torch.cat([feats["f_cls"] + model.type_embed[0], feats["f_ctx"] + model.type_embed[1]],
+                       dim=1)  # fmt: skip
+    with torch.no_grad():
+        z = model.transformer(tokens)
+    torch.testing.assert_close(feats["z"], z[:, C:])
+
+
+def test_redesign_switches_checked() -> None:
+    with pytest.raises(ConfigError, match="readout: context needs"):
+        build_model(tiny(readout="context", fusion="sum"), C)
+    with pytest.raises(ConfigError, match="readout: context needs"):
+        build_model(tiny(readout="context", context_tokens=False), C)
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        build_model(tiny(context_read="direct", dim=34, heads=2), C)
 
 
 def test_gap_class_activation_maps() -> None:
@@ -340,3 +395,26 @@ def test_pretrained_bad_files(tmp_path) -> None:
     torch.save([1, 2, 3], not_state)
     with pytest.raises(CheckpointError, match="list.pth"):
         create_backbone("resnet18", str(not_state))
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_model_dir_of_the_first_reconstruction_scores_unchanged(tmp_path) -> None:
+    """A model directory written by the code before the redesign switches existed (commit
+    b812aed; tests/fixtures/make_first_reconstruction.py) loads as that design and gives
+    bit-identical logits."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(FIXTURES / "lcm-first-reconstruction", model_dir)
+    packed = model_dir / "model.safetensors.gz"
+    (model_dir / "model.safetensors").write_bytes(gzip.decompress(packed.read_bytes()))
+    packed.unlink()
+    loaded = load_for_inference(model_dir, "raw", torch.device("cpu"))
+    cfg = loaded.meta.model
+    assert {k: getattr(cfg, k) for k in FIRST_RECONSTRUCTION} == FIRST_RECONSTRUCTION
+    ref = load_file(FIXTURES / "lcm-first-reconstruction.scores.safetensors")
+    mean = torch.tensor(loaded.meta.mean)[:, None, None]
+    std = torch.tensor(loaded.meta.std)[:, None, None]
+    with torch.no_grad():  # the very ops of the script that wrote the reference
+        logits = loaded.model((ref["images"].float() / 255 - mean) / std).logits
+    assert torch.equal(logits, ref["logits"])

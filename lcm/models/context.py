@@ -43,7 +43,8 @@ def pool_context(
         logits = F.normalize(x, dim=-1) @ F.normalize(prototypes, dim=-1).t()
         logits = logits * log_temperature.exp()  # (B, HW, K)
     else:
-        logits = x @ prototypes.t() / math.sqrt(x.shape[-1])  # (B, HW, K)
+        # times the reciprocal, not divided: the first reconstruction's rounding, bit for bit
+        logits = x @ prototypes.t() * (1.0 / math.sqrt(x.shape[-1]))  # (B, HW, K)
     # Softmax over positions, not over prototypes: every prototype pools a full token.
     assign = logits.softmax(dim=1).transpose(1, 2)  # (B, K, HW)
     return assign @ x, assign
