@@ -152,6 +152,27 @@ def test_in_memory_training_is_deterministic_and_scores_every_epoch(tiny_tier, o
     assert len(a["curve"]) == 2 and len(a["aux_curve"]) == 2
     assert a["mAP"] == b["mAP"] and a["curve"] == b["curve"]
     assert set(a["per_class"]) == set(torch.load(tiny_tier, weights_only=True)["classes"])
+    # the final weights scored on the train split too (against its full labels)
+    assert 0 <= a["train_mAP"] <= 1 and set(a["train_per_class"]) == set(a["per_class"])
+    assert a["train_mAP"] != a["mAP"] and a["train_lookalike_AP"] is not None
+    looks = [v for k, v in a["per_class"].items() if k in {"cup", "tyre", "lemon", "ball", "mouse",
+             "stapler", "bread", "plank"} and not math.isnan(v)]  # fmt: skip
+    assert a["lookalike_AP"] == pytest.approx(np.mean(looks))
+
+
+def test_scoring_fewer_epochs_changes_no_final_metric(tiny_tier, one_thread):
+    from lcm.config import params_from_dict
+
+    raw = grids.point_params(grids.Point("depth", 1, 0), TINY, "cpu")
+    raw["train"]["epochs"] = 9
+    params = params_from_dict(raw)
+    every, sparse = train_in_memory(params, tiny_tier), train_in_memory(params, tiny_tier,
+                                                                        score_every=4)  # fmt: skip
+    assert every["curve_epochs"] == list(range(1, 10))
+    assert sparse["curve_epochs"] == [4, 5, 6, 7, 8, 9]  # every 4th, and each of the last 5
+    assert sparse["curve"] == every["curve"][3:]
+    for key in ("mAP", "train_mAP", "CF1", "OF1", "per_class", "aux_mAP"):
+        assert sparse[key] == every[key], key
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -178,6 +199,8 @@ def test_ablate_depth_quick_two_seeds_writes_table_and_figure_then_resumes(tmp_p
     assert sorted((float(r["value"]), int(r["seed"])) for r in depth) == [
         (1, 0), (1, 1), (3, 0), (3, 1)]  # fmt: skip
     assert json.loads(depth[0]["params"])["model"]["depth"] in (1, 3)
+    assert all(0 <= float(r["train_mAP"]) <= 1 for r in rows)  # beside the val mAP
+    assert all(0 <= float(r["train_lookalike_AP"]) <= 1 for r in rows)
     # the depth-3 runs are the base configuration: points of the other three studies too
     assert {r["study"] for r in rows} == {"depth", "mask-ratio", "alpha", "beta"}
     con = duckdb.connect(str(out / "studies.duckdb"), read_only=True)
@@ -297,3 +320,57 @@ def test_knn_accuracy_counts_neighbours_of_the_same_label():
     x = centres[labels] + rng.normal(size=(60, 8))
     assert knn_accuracy(x, labels) == 1.0
     assert knn_accuracy(rng.normal(size=(60, 8)), labels) < 0.6
+
+
+@pytest.mark.parametrize("read", ["dot", "direct"])
+def test_anchor_reach_counts_each_maps_mass_on_anchor_boxes(tmp_path, read, one_thread):
+    """`lcm visualize reach` against a second computation: boxes rasterised at full
+    resolution, a cell counts when any of its pixels lies in an anchor box."""
+    from lcm.checkpoint import ModelMeta, save_model
+    from lcm.config import ModelConfig
+    from lcm.data.synthetic import generate_synthetic
+    from lcm.data.transforms import decode_image_file, eval_transform, normalize
+    from lcm.models import build_model
+    from lcm.reach import anchor_reach, reach_table
+
+    raw = tmp_path / "raw"
+    generate_synthetic(raw, n_train=2, n_val=6, size=64, tier="interaction")
+    doc = json.loads((raw / "annotations" / "instances_val.json").read_text())
+    classes = tuple(c["name"] for c in doc["categories"])
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, heads=4, ffn=32, depth=1, context_read=read, token_norm=True)
+    model = build_model(cfg, len(classes))
+    meta = ModelMeta(cfg, classes, 64, (0.5,) * 3, (0.25,) * 3, {})
+    save_model(tmp_path / "model", model, meta, None)
+    got = anchor_reach(tmp_path / "model", raw, "val", max_images=4)
+
+    roles = {c["id"]: c["supercategory"] for c in doc["categories"]}
+    names = {c["id"]: c["name"] for c in doc["categories"]}
+    sums: dict[str, list[float]] = {}
+    model.eval()
+    for im in sorted(doc["images"], key=lambda i: i["file_name"])[:4]:
+        data = (raw / "images" / "val" / im["file_name"]).read_bytes()
+        px = eval_transform(64).pixels(decode_image_file(data))
+        with torch.no_grad():
+            f = model.forward_features(normalize(px[None], mean=meta.mean, std=meta.std))
+        full = torch.zeros(64, 64)
+        anns = [a for a in doc["annotations"] if a["image_id"] == im["id"]]
+        for a in anns:
+            if roles[a["category_id"]] == "anchor":
+                x, y, w, h = (v * 64 / im["width"] for v in a["bbox"])
+                full[math.floor(y) : math.ceil(y + h), math.floor(x) : math.ceil(x + w)] = 1
+        cells = torch.nn.functional.max_pool2d(full[None, None], 32)[0, 0].bool()  # (2, 2)
+        for name in {names[a["category_id"]] for a in anns}:
+            c = classes.index(name)
+            pair = [f["class_attention"][0, c][cells].sum().item(),
+                    f["context_map"][0, c][cells].sum().item()]  # fmt: skip
+            sums.setdefault(name, []).append(pair)
+    assert set(got) == set(sums)
+    for name, pairs in sums.items():
+        mean = np.mean(pairs, axis=0)
+        assert got[name]["images"] == len(pairs)
+        assert got[name]["class_aware"] == pytest.approx(mean[0], abs=1e-6)
+        assert got[name]["context"] == pytest.approx(mean[1], abs=1e-6)
+    assert reach_table(got).count("\n") == 2 + len(got)
+    with pytest.raises(DataError, match="not found"):
+        anchor_reach(tmp_path / "model", tmp_path, "val")
