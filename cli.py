@@ -502,18 +502,22 @@ def query(
     out_file: Annotated[Path | None, typer.Option("--out", help="Write here, not stdout.")] = None,
     limit: Annotated[int | None, typer.Option(min=0, help="At most N rows.")] = None,
     parts: Annotated[
-        Path | None, typer.Option(help="Query the Parquet parts instead of --db.")
+        Path | None, typer.Option(help="Query a data directory without its catalog.")
     ] = None,
+    lock_timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait while a writer holds the catalog.")
+    ] = 60.0,
 ) -> None:
-    """Read-only SQL over the predictions (tables: runs, labels, predictions, targets,
-    run_shards, skipped_images; views: predictions_named, scored, image_labels)."""
+    """Read-only SQL over the predictions (tables: runs, labels, run_shards, skipped_images,
+    label_summaries; views: predictions, targets, predictions_named, scored, image_labels,
+    label_drift). Never holds the catalog while the query runs."""
     from lcm.io import atomic_write_bytes
     from lcm.query import encode, run_query
 
     if fmt not in ("table", "csv", "json", "parquet"):
         raise typer.BadParameter("expected table, csv, json or parquet", param_hint="--format")
     shown = limit if limit is not None or fmt != "table" or out_file else TABLE_ROWS
-    table, more = run_query(sql, db=db, parts=parts, limit=shown)
+    table, more = run_query(sql, db=db, parts=parts, limit=shown, lock_timeout=lock_timeout)
     if fmt == "table":
         if out_file:
             raise typer.BadParameter("--out needs --format csv, json or parquet")

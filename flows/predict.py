@@ -10,7 +10,7 @@ existing cluster); each process loads the model once.
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
@@ -31,8 +31,10 @@ DASK_LOCAL_WORKERS = 2
 
 
 @task(cache_policy=NONE)
-def start_run(request: lp.PredictRequest, flow_run_id: str | None) -> lp.RunPlan:
-    return lp.start_run(request, flow_run_id)
+def start_run(
+    request: lp.PredictRequest, flow_run_id: str | None, deployment: str | None
+) -> lp.RunPlan:
+    return lp.start_run(request, flow_run_id, deployment)
 
 
 @task(
@@ -41,8 +43,10 @@ def start_run(request: lp.PredictRequest, flow_run_id: str | None) -> lp.RunPlan
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_user_error,
 )
-def score_shard(request: lp.PredictRequest, unit: lp.Unit, model_sha256: str) -> PartRecord:
-    return lp.score_unit(request, unit, model_sha256)
+def score_shard(
+    request: lp.PredictRequest, unit: lp.Unit, model_sha256: str, run_dir: str
+) -> PartRecord:
+    return lp.score_unit(request, unit, model_sha256, run_dir)
 
 
 @task(cache_policy=NONE)
@@ -75,10 +79,15 @@ def task_runner(kind: Literal["thread", "dask"], dask_address: str | None = None
     )
 
 
+def scheduled_date() -> date:
+    """The night a run stands for: the flow run's scheduled time (UTC), or now."""
+    when = flow_run.scheduled_start_time or datetime.now(UTC)
+    return when.astimezone(UTC).date() if when.tzinfo else when.date()
+
+
 def scheduled_run_id() -> str:
     """``scheduled-<date>`` from the flow run's scheduled time: each night keeps its run."""
-    when = flow_run.scheduled_start_time or datetime.now(UTC)
-    return f"scheduled-{when:%Y-%m-%d}"
+    return f"scheduled-{scheduled_date():%Y-%m-%d}"
 
 
 @flow(name="lcm-batch-predict")
@@ -95,10 +104,12 @@ def batch_predict_flow(
     parts: str | None = None,
     replace: bool = False,
     lock_timeout: float = 60.0,
+    run_date: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Score every image of ``shards`` or ``images`` into ``db`` under ``run_id`` (default,
-    for scheduled runs: ``scheduled-<date>``). Resumes an interrupted run."""
+    for scheduled runs: ``scheduled-<date>``) and ``run_date`` (ISO; default: the scheduled
+    date). Resumes an interrupted run."""
     logger = get_run_logger()
     request = lp.PredictRequest(
         checkpoint=Path(checkpoint),
@@ -113,8 +124,10 @@ def batch_predict_flow(
         parts=Path(parts) if parts else None,
         replace=replace,
         lock_timeout=lock_timeout,
+        run_date=date.fromisoformat(run_date) if run_date else scheduled_date(),
     )
-    plan = start_run(request, str(flow_run.id) if flow_run.id else None)
+    plan = start_run(request, str(flow_run.id) if flow_run.id else None,
+                     deployment.name or None)  # fmt: skip
     if plan.complete:
         logger.info("run %s is already complete in %s: nothing to do", request.run_id, db)
         return {"run_id": request.run_id, "status": "complete", "already_complete": True}
@@ -124,7 +137,9 @@ def batch_predict_flow(
     images_total, images_done = plan.n_images, 0
     if progress:
         progress(0, images_total)
-    futures = score_shard.map(unmapped(request), plan.pending, unmapped(plan.model_sha256))
+    futures = score_shard.map(
+        unmapped(request), plan.pending, unmapped(plan.model_sha256), unmapped(plan.run_dir)
+    )
     for future in as_completed(futures):
         part = future.result()
         parts_done.append(part)

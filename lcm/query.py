@@ -5,8 +5,16 @@ Read-only in fact, not just in name. DuckDB's ``read_only`` still lets SQL write
 has external access disabled and its configuration locked, and the statement is parsed first:
 exactly one SELECT or EXPLAIN, or nothing runs.
 
-``--parts`` queries the Parquet parts that batch prediction writes (each complete, written
-atomically) through the same views as the database; useful while a writer holds the file.
+A query never holds the catalog while it runs: the connection copies the catalog's small
+tables (runs, labels, run_shards, skipped_images, label_summaries) into memory, lets go of the
+file (waiting, if need be, for the instant a writer holds it to register a shard) and builds
+the store's views over the data files in memory. A writer can register shards meanwhile; a
+query sees the runs and shards registered when it started. A data file the catalog registers
+but the disk lacks is one error line, never silently missing rows. A version-1 store (every
+row inside the DuckDB file) is read as it is.
+
+``--parts`` queries a data directory without its catalog (each file complete, written
+atomically) through the same views.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from lcm.errors import LcmError, first_line
 
 Format = Literal["table", "csv", "json", "parquet"]
 MEMORY_LIMIT = "1GB"
+LOCK_WAIT = 60.0  # seconds to wait while a writer registers (it holds the file briefly)
 
 
 class QueryError(LcmError):
@@ -63,20 +72,62 @@ def _one_statement(sql: str) -> Any:
     return statements[0]
 
 
-def connect(db: Path | None = None, parts: Path | None = None) -> duckdb.DuckDBPyConnection:
-    """A locked-down connection to ``db`` (read-only) or to views over ``parts``."""
+def connect(
+    db: Path | None = None, parts: Path | None = None, lock_timeout: float = LOCK_WAIT
+) -> duckdb.DuckDBPyConnection:
+    """A locked-down connection to ``db``'s store or to views over ``parts``."""
     if (db is None) == (parts is None):
         raise QueryError("give a database (--db) or a parts directory (--parts)")
-    base = {"enable_external_access": False, "memory_limit": MEMORY_LIMIT}
     if db is not None:
         if not Path(db).is_file():
             raise QueryError(f"{db}: no such database (run `lcm batch-predict` first)")
-        parts_root = store.default_parts_root(Path(db))
-        hint = f"; wait for it, or query its Parquet parts: --parts {parts_root}"
-        return store.open_db(
-            db, read_only=True, config={**base, "lock_configuration": True}, hint=hint
-        )
+        return _catalog_connection(Path(db), lock_timeout)
     return _parts_connection(Path(parts))
+
+
+def _catalog_connection(db: Path, lock_timeout: float) -> duckdb.DuckDBPyConnection:
+    base = {"enable_external_access": False, "memory_limit": MEMORY_LIMIT}
+    hint = f"; or query its data files: --parts {store.default_parts_root(db)}"
+    src = store.open_db(db, read_only=True, timeout=lock_timeout, config=base, hint=hint)
+    try:
+        version = store.schema_version(src)
+        if version is None:
+            raise QueryError(f"{db}: not a prediction store (no lcm_schema table)")
+        store.check_version(version, db, writing=False)
+        if version == 1:  # every row is in the file: query it as it is, locked down
+            src.execute("SET lock_configuration = true")
+            src, con = None, src
+            return con
+        root = store.data_root_of(src, db)
+        tables = {t: src.sql(f"SELECT * FROM {t}").to_arrow_table()
+                  for t in store.CATALOG_TABLES}  # fmt: skip
+    finally:
+        if src is not None:
+            src.close()
+    missing = [p for p in tables["run_shards"].column("part").to_pylist()
+               if not (root / p).is_file()]  # fmt: skip
+    if missing:
+        raise QueryError(f"{root / missing[0]}: registered in {db} but missing on disk "
+                         f"({len(missing)} files); restore it, or remove its run with "
+                         "`lcm store prune`")  # fmt: skip
+    if not (root / store.SENTINEL).is_file() and not len(tables["run_shards"]):
+        raise QueryError(f"{root}: the store's data directory is missing or empty")
+    con = duckdb.connect(":memory:", config={"memory_limit": MEMORY_LIMIT})
+    try:
+        for name, table in tables.items():
+            con.register("catalog_rows", table)
+            con.execute(f"CREATE TABLE {name} AS SELECT * FROM catalog_rows")
+            con.unregister("catalog_rows")
+        # Only the data directory stays readable; set in this order, then locked.
+        con.execute("SET allowed_directories = ?", [[f"{root.resolve()}/"]])
+        con.execute("SET enable_external_access = false")
+        con.execute(store.views_sql(root))
+    except duckdb.Error as e:
+        con.close()
+        raise QueryError(f"{db}: cannot read the store's files under {root} "
+                         f"({first_line(e)})") from e  # fmt: skip
+    con.execute("SET lock_configuration = true")
+    return con
 
 
 def _parts_connection(parts: Path) -> duckdb.DuckDBPyConnection:
@@ -115,11 +166,15 @@ def _parts_connection(parts: Path) -> duckdb.DuckDBPyConnection:
 
 
 def run_query(
-    sql: str, db: Path | None = None, parts: Path | None = None, limit: int | None = None
+    sql: str,
+    db: Path | None = None,
+    parts: Path | None = None,
+    limit: int | None = None,
+    lock_timeout: float = LOCK_WAIT,
 ) -> tuple[pa.Table, bool]:
     """The result (at most ``limit`` rows) and whether rows were left out by the limit."""
     check_sql(sql)
-    con = connect(db, parts)
+    con = connect(db, parts, lock_timeout)
     try:
         try:
             reader = con.sql(sql).to_arrow_reader()

@@ -1,25 +1,40 @@
-"""The prediction store: DuckDB tables of per-image label scores, written one shard at a time.
+"""The prediction store: Parquet files of per-image label scores, and a small DuckDB catalog.
+
+Layout (schema version 2)::
+
+    <db>.duckdb                       the catalog: runs, labels, run_shards, skipped_images,
+                                      label_summaries, and the views users query
+    <data root>/run=<n>/part-<shard>.parquet   one file per shard of run ordinal n (zstd)
+
+The data root defaults to ``<db dir>/parts/<db stem>`` and is recorded in the catalog. Every
+run gets an integer *ordinal* when it is created; its files live in ``run=<n>/``, so a filter
+on a run (by ``run_id`` through the views, or by ordinal) opens that run's files only: DuckDB
+prunes hive partitions, also through the join that maps ``run_id`` to its ordinal. A run's
+rows are never copied into the catalog, so the catalog stays small (a few MB a year) and a
+night's append costs the same at night 1 and night 365.
 
 Write protocol (what makes a run exact and resumable):
 
-1. a scoring task writes one shard's scores to a Parquet *part* under a temporary name and
-   renames it (:mod:`lcm.predict`), so a part on disk is always complete;
-2. ONE writer merges each part in its own transaction: delete that shard's rows, insert the
-   part through ``read_parquet``, add its ``run_shards`` row. A shard is in the database
-   wholly or not at all, and a merge repeated after a crash replaces instead of duplicating;
-3. when every shard is merged the run is marked ``complete``.
+1. a scoring task writes one shard's scores to ``run=<n>/part-<shard>.parquet`` under a
+   temporary name and renames it (:mod:`lcm.predict`), so a file on disk is always whole;
+2. ONE writer *registers* each file (a ``run_shards`` row and its skipped images) in a short
+   transaction; registering a shard twice is a no-op;
+3. when every shard is registered, the run's per-label summaries are computed from its files
+   (before the catalog is opened) and inserted in the transaction that marks it ``complete``.
 
-``predictions`` and ``targets`` have no primary key on purpose: measured here a key made
-loading 3-5x slower, the file 5x bigger and replacing a shard ~20x slower. Uniqueness comes
-from step 2 and is tested.
+The views read ``run=*/part-*.parquet`` joined to ``runs`` on the ordinal: a file of a run the
+catalog does not know (a replaced or pruned run whose directory is being removed, or one
+orphaned by a crash) is never visible, and a shard is visible as a whole file or not at all.
+``--replace`` gives the run a new ordinal (a new directory) in the transaction that removes
+the old rows; the old directory is deleted afterwards.
 
-The module is longer than most because the schema, the write protocol and the read-side
-checks are one contract: each step above relies on the others, and reading them apart would
-hide that.
+DuckDB lets one process open a file at a time (a reader blocks a writer too), so writers
+connect only for the instant they register or finish, and retry on the lock error for up to
+``lock_timeout`` seconds; ``lcm query`` copies the catalog's small tables into memory and lets
+go of the file before it runs a query (:mod:`lcm.query`).
 
-DuckDB lets one process open a file at a time (a reader blocks a writer too), so the writer
-connects only while it writes and retries on the lock error for up to ``lock_timeout``
-seconds, then fails with one line that names the process holding the file.
+Version-1 files (every row inside the DuckDB file) are still read as they are; writing to one
+needs ``lcm store migrate`` first (:mod:`lcm.store_admin`).
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +55,19 @@ import pyarrow.parquet as pq
 
 from lcm.errors import DataError, LcmError, first_line
 
-SCHEMA_VERSION = 1
-LABELS_FILE = "labels.parquet"  # a run's labels, beside its Parquet parts
-MEMORY_LIMIT = "2GB"  # the merge streams from Parquet; DuckDB spills past this
+SCHEMA_VERSION = 2
+LABELS_FILE = "labels.parquet"  # a run's labels, beside its Parquet files
+SENTINEL = "run=0/part-empty.parquet"  # keeps the views valid before the first run
+MEMORY_LIMIT = "2GB"
+HISTOGRAM_BINS = 20
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS lcm_schema (version INTEGER NOT NULL, created_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS store_meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY,
+    run_ordinal INTEGER NOT NULL UNIQUE,
+    run_date DATE NOT NULL,
     status VARCHAR NOT NULL CHECK (status IN ('running', 'complete')),
     created_at TIMESTAMP NOT NULL,
     finished_at TIMESTAMP,
@@ -60,10 +80,12 @@ CREATE TABLE IF NOT EXISTS runs (
     n_shards INTEGER NOT NULL,
     n_images BIGINT,
     n_skipped BIGINT,
+    n_reused BIGINT,
     image_size INTEGER NOT NULL,
     params JSON,
     lcm_version VARCHAR NOT NULL,
-    flow_run_id VARCHAR
+    flow_run_id VARCHAR,
+    deployment VARCHAR
 );
 CREATE TABLE IF NOT EXISTS labels (
     run_id VARCHAR NOT NULL,
@@ -73,29 +95,18 @@ CREATE TABLE IF NOT EXISTS labels (
     threshold_source VARCHAR NOT NULL,
     PRIMARY KEY (run_id, label_id)
 );
-CREATE TABLE IF NOT EXISTS predictions (
-    run_id VARCHAR NOT NULL,
-    shard VARCHAR NOT NULL,
-    image_key VARCHAR NOT NULL,
-    label_id SMALLINT NOT NULL,
-    score REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS targets (
-    run_id VARCHAR NOT NULL,
-    image_key VARCHAR NOT NULL,
-    label_id SMALLINT NOT NULL,
-    target TINYINT NOT NULL  -- 1 positive, 0 negative, -1 unknown
-);
 CREATE TABLE IF NOT EXISTS run_shards (
     run_id VARCHAR NOT NULL,
     shard VARCHAR NOT NULL,
     n_images INTEGER NOT NULL,
     n_skipped INTEGER NOT NULL,
     n_rows BIGINT NOT NULL,
-    part VARCHAR NOT NULL,
+    part VARCHAR NOT NULL,  -- relative to the data root
+    bytes BIGINT NOT NULL,
     worker VARCHAR NOT NULL,
     seconds DOUBLE NOT NULL,
-    committed_at TIMESTAMP NOT NULL
+    committed_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (run_id, shard)
 );
 CREATE TABLE IF NOT EXISTS skipped_images (
     run_id VARCHAR NOT NULL,
@@ -103,9 +114,30 @@ CREATE TABLE IF NOT EXISTS skipped_images (
     image_key VARCHAR NOT NULL,
     reason VARCHAR NOT NULL
 );
+CREATE TABLE IF NOT EXISTS label_summaries (
+    run_id VARCHAR NOT NULL,
+    label_id SMALLINT NOT NULL,
+    images BIGINT NOT NULL,
+    predicted BIGINT NOT NULL,  -- score >= the run's threshold
+    mean_score DOUBLE,
+    histogram INTEGER[] NOT NULL,  -- images per score bin, 20 bins over [0, 1]
+    positives BIGINT,  -- where the source carries labels (target 1) ...
+    negatives BIGINT,
+    true_positives BIGINT,
+    ap DOUBLE,  -- ... exact AP over the known targets (NULL without a positive)
+    PRIMARY KEY (run_id, label_id)
+);
 """
 
-# Shared with `lcm query --parts`, which builds the same views over the Parquet parts.
+# The user-facing views, over the data files (in the catalog and in `lcm query`'s memory).
+_VIEWS = """
+CREATE OR REPLACE VIEW predictions AS
+SELECT r.run_id, p.shard, p.image_key, p.label_id, p.score
+FROM {files} p JOIN runs r ON r.run_ordinal = p.run;
+CREATE OR REPLACE VIEW targets AS
+SELECT r.run_id, p.image_key, p.label_id, p.target
+FROM {files} p JOIN runs r ON r.run_ordinal = p.run WHERE p.target IS NOT NULL;
+"""
 VIEWS = """
 CREATE OR REPLACE VIEW predictions_named AS
 SELECT p.run_id, p.shard, p.image_key, p.label_id, l.name, p.score, l.threshold,
@@ -120,15 +152,71 @@ SELECT run_id, image_key,
        count(*) FILTER (WHERE predicted) AS n_labels
 FROM predictions_named GROUP BY run_id, image_key;
 """
+# Each complete run against the previous complete run of the same source and model: the change
+# of each label's predicted rate and the population stability index of its score histogram
+# (bins smoothed by 1e-4; PSI < 0.1 is read as stable, > 0.25 as shifted).
+DRIFT_VIEW = """
+CREATE OR REPLACE VIEW label_drift AS
+WITH s AS (
+    SELECT r.run_id, r.run_date, r.created_at, r.source, r.model_sha256, m.label_id, l.name,
+           m.images, m.predicted::DOUBLE / nullif(m.images, 0) AS rate, m.histogram,
+           lag(r.run_id) OVER w AS previous_run_id,
+           lag(m.predicted::DOUBLE / nullif(m.images, 0)) OVER w AS previous_rate,
+           lag(m.histogram) OVER w AS previous_histogram,
+           lag(m.images) OVER w AS previous_images
+    FROM label_summaries m JOIN runs r USING (run_id) JOIN labels l USING (run_id, label_id)
+    WHERE r.status = 'complete'
+    WINDOW w AS (PARTITION BY r.source, r.model_sha256, m.label_id
+                 ORDER BY r.run_date, r.created_at)
+)
+SELECT run_id, run_date, previous_run_id, label_id, name, rate, previous_rate,
+       rate - previous_rate AS rate_change,
+       list_sum(list_transform(range(1, len(histogram) + 1), lambda i:
+           (histogram[i] / images + 1e-4 - previous_histogram[i] / previous_images - 1e-4)
+           * ln((histogram[i] / images + 1e-4)
+                / (previous_histogram[i] / previous_images + 1e-4)))) AS psi
+FROM s WHERE previous_run_id IS NOT NULL;
+"""
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
-_RUN_TABLES = ("predictions", "targets", "run_shards", "skipped_images", "labels", "runs")
+_RUN_TABLES = ("run_shards", "skipped_images", "label_summaries", "labels", "runs")
+CATALOG_TABLES = ("runs", "labels", "run_shards", "skipped_images", "label_summaries")
+
+PART_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("shard", pa.string()),
+        ("image_key", pa.string()),
+        ("label_id", pa.int16()),
+        ("score", pa.float32()),
+        ("target", pa.int8()),  # null when the source carries no labels
+    ]
+)
 
 
 def default_parts_root(db: Path) -> Path:
-    """Where a database's Parquet parts live unless told otherwise: <db dir>/parts/<db stem>,
-    one directory per run inside."""
+    """Where a store's data files live unless told otherwise: <db dir>/parts/<db stem>."""
     return Path(db).parent / "parts" / Path(db).stem
+
+
+def run_dir(data_root: Path, ordinal: int) -> Path:
+    return Path(data_root) / f"run={ordinal}"
+
+
+def files_sql(data_root: Path) -> str:
+    """The ``read_parquet`` of every data file under ``data_root`` (hive column ``run``)."""
+    root = str(Path(data_root).resolve())
+    if set(root) & set("'*?[]{}\\"):
+        raise DataError(f"{root}: quotes and wildcards in the store's path are not supported")
+    return (
+        f"read_parquet('{root}/run=*/part-*.parquet', hive_partitioning = true, "
+        "hive_types = {'run': INTEGER}, union_by_name = false)"
+    )
+
+
+def views_sql(data_root: Path) -> str:
+    """Every view of the store, over ``data_root``'s files."""
+    return _VIEWS.format(files=files_sql(data_root)) + VIEWS + DRIFT_VIEW
 
 
 class StoreLockedError(LcmError):
@@ -155,7 +243,7 @@ def open_db(
 ) -> duckdb.DuckDBPyConnection:
     """Connect, retrying with backoff while another process holds the file (up to
     ``timeout`` seconds); then fail with one line naming the holder's PID."""
-    deadline, delay = time.monotonic() + timeout, 0.05
+    deadline, delay = time.monotonic() + timeout, 0.02
     while True:
         try:
             return duckdb.connect(str(db), read_only=read_only, config=config or {})
@@ -173,32 +261,89 @@ def open_db(
                     pid,
                 ) from e
             time.sleep(min(delay, left))
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, 0.5)
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The store's schema version, or None for a file that is not a prediction store."""
+    has = one(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'lcm_schema'")
+    if not has[0]:
+        return None
+    return one(con, "SELECT max(version) FROM lcm_schema")[0]
+
+
+def check_version(version: int | None, db: Path, *, writing: bool) -> None:
+    """One-line errors for a store this code cannot read (newer) or write (older)."""
+    if version is None:
+        return
+    if version > SCHEMA_VERSION:
+        raise DataError(
+            f"{db}: prediction store schema version {version} is newer than this lcm "
+            f"understands ({SCHEMA_VERSION}); upgrade lcm"
+        )
+    if writing and version < SCHEMA_VERSION:
+        raise DataError(
+            f"{db}: prediction store schema version {version}; this lcm writes version "
+            f"{SCHEMA_VERSION}: run `lcm store migrate --db {db}` first (queries read it as it is)"
+        )
+
+
+def data_root_of(con: duckdb.DuckDBPyConnection, db: Path) -> Path:
+    """The data root recorded in a version-2 catalog."""
+    row = one(con, "SELECT value FROM store_meta WHERE key = 'data_root'")
+    if row is None:
+        raise DataError(f"{db}: the catalog records no data root; not a complete store")
+    return Path(row[0])
 
 
 @contextmanager
-def writer(db: Path, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A write connection with the schema in place, closed (and the file freed) on exit."""
+def writer(db: Path, timeout: float, data_root: Path | None = None) -> Iterator[Any]:
+    """A write connection with the schema in place, closed (and the file freed) on exit.
+
+    ``data_root`` (default: :func:`default_parts_root`) is recorded when the store is
+    created; a store whose files live elsewhere refuses another root with one line."""
+    db = Path(db)
     db.parent.mkdir(parents=True, exist_ok=True)
     con = open_db(db, timeout=timeout, config={"memory_limit": MEMORY_LIMIT})
     try:
-        ensure_schema(con, db)
+        ensure_schema(con, db, Path(data_root) if data_root else default_parts_root(db))
         yield con
     finally:
         con.close()
 
 
-def ensure_schema(con: duckdb.DuckDBPyConnection, db: Path) -> None:
-    con.execute(_TABLES)
-    row = con.execute("SELECT max(version) FROM lcm_schema").fetchone()
-    if row[0] is None:
-        con.execute("INSERT INTO lcm_schema VALUES (?, ?)", [SCHEMA_VERSION, _now()])
-    elif row[0] != SCHEMA_VERSION:
-        raise DataError(
-            f"{db}: prediction store has schema version {row[0]}; this lcm writes "
-            f"version {SCHEMA_VERSION} (use another --db)"
-        )
-    con.execute(VIEWS)
+def ensure_schema(con: duckdb.DuckDBPyConnection, db: Path, data_root: Path) -> Path:
+    """Create the catalog (or check it); returns its data root."""
+    version = schema_version(con)
+    check_version(version, db, writing=True)
+    root = Path(data_root).resolve()
+    if version is None:
+        if one(con, "SELECT count(*) FROM information_schema.tables")[0]:
+            raise DataError(f"{db}: a DuckDB file with other tables, not a prediction store")
+        write_sentinel(root)
+        with transaction(con):
+            con.execute(_TABLES)
+            con.execute("INSERT INTO lcm_schema VALUES (?, ?)", [SCHEMA_VERSION, _now()])
+            con.execute("INSERT INTO store_meta VALUES ('data_root', ?)", [str(root)])
+            con.execute(views_sql(root))
+        return root
+    recorded = data_root_of(con, db)
+    if recorded != root:
+        raise DataError(f"{db}: this store's files live in {recorded}, not {root}; pass "
+                        f"--parts {recorded}")  # fmt: skip
+    write_sentinel(root)
+    return root
+
+
+def write_sentinel(root: Path) -> None:
+    """An empty data file under ``run=0`` (no run has ordinal 0): a glob needs one match."""
+    path = Path(root) / SENTINEL
+    if not path.is_file():
+        from lcm.io import atomic_path
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            pq.write_table(PART_SCHEMA.empty_table(), tmp)
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -218,6 +363,8 @@ class RunRecord:
     params: dict[str, Any]
     lcm_version: str
     flow_run_id: str | None
+    run_date: date | None = None  # None: today (UTC)
+    deployment: str | None = None
 
     def same_work(self, row: dict[str, Any]) -> bool:
         return (row["model_sha256"], row["weights"], row["source_sha256"]) == (
@@ -229,15 +376,24 @@ class RunRecord:
 
 def get_run(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | None:
     cur = con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
-    row = cur.fetchone()
-    if row is None:
+    rows = cur.fetchall()  # all: DuckDB 2 refuses other work while a result is unfinished
+    if not rows:
         return None
-    return dict(zip([d[0] for d in cur.description], row, strict=True))
+    return dict(zip([d[0] for d in cur.description], rows[0], strict=True))
 
 
 def committed_shards(con: duckdb.DuckDBPyConnection, run_id: str) -> set[str]:
     rows = con.execute("SELECT shard FROM run_shards WHERE run_id = ?", [run_id]).fetchall()
     return {r[0] for r in rows}
+
+
+def next_ordinal(con: duckdb.DuckDBPyConnection) -> int:
+    """Ordinals only grow (kept in store_meta): a directory is never reused by another run."""
+    row = one(con, "SELECT value FROM store_meta WHERE key = 'next_ordinal'")
+    used = one(con, "SELECT coalesce(max(run_ordinal), 0) FROM runs")[0]
+    ordinal = max(int(row[0]) if row else 1, used + 1)
+    con.execute("INSERT OR REPLACE INTO store_meta VALUES ('next_ordinal', ?)", [str(ordinal + 1)])
+    return ordinal
 
 
 def create_run(
@@ -246,16 +402,21 @@ def create_run(
     labels: Sequence[tuple[str, float]],
     threshold_source: str,
     listing_skips: Sequence[tuple[str, str]] = (),
-) -> None:
-    """Insert the run (status ``running``), its labels and the inputs skipped while listing
-    the source, in one transaction; any earlier rows of the run id are removed first."""
+) -> tuple[int, int | None]:
+    """Insert the run (status ``running``) under a new ordinal, its labels and the inputs
+    skipped while listing the source, in one transaction; any earlier run of the same id is
+    removed in the same transaction. Returns (new ordinal, the replaced run's ordinal)."""
     with transaction(con):
+        old = get_run(con, run.run_id)
         _delete_run(con, run.run_id)
+        ordinal = next_ordinal(con)
         con.execute(
-            "INSERT INTO runs VALUES (?, 'running', ?, NULL, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, "
-            "?, ?, ?, ?)",
+            "INSERT INTO runs VALUES (?, ?, ?, 'running', ?, NULL, ?, ?, ?, ?, ?, ?, ?, NULL, "
+            "NULL, NULL, ?, ?, ?, ?, ?)",
             [
                 run.run_id,
+                ordinal,
+                run.run_date or _now().date(),
                 _now(),
                 run.model_dir,
                 run.model_sha256,
@@ -268,6 +429,7 @@ def create_run(
                 json.dumps(run.params, sort_keys=True),
                 run.lcm_version,
                 run.flow_run_id,
+                run.deployment,
             ],
         )
         label_rows = pa.table(
@@ -281,24 +443,26 @@ def create_run(
         )
         con.from_arrow(label_rows).insert_into("labels")
         if listing_skips:
-            skip_rows = pa.table(
-                {
-                    "run_id": pa.array([run.run_id] * len(listing_skips), pa.string()),
-                    "shard": pa.nulls(len(listing_skips), pa.string()),
-                    "image_key": pa.array([k for k, _ in listing_skips], pa.string()),
-                    "reason": pa.array([r for _, r in listing_skips], pa.string()),
-                }
-            )
-            con.from_arrow(skip_rows).insert_into("skipped_images")
+            _insert_skips(con, run.run_id, None, listing_skips)
+    return ordinal, (old["run_ordinal"] if old else None)
 
 
-def mark_flow_run(con: duckdb.DuckDBPyConnection, run_id: str, flow_run_id: str | None) -> None:
+def mark_flow_run(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    flow_run_id: str | None,
+    deployment: str | None = None,
+) -> None:
     if flow_run_id:
-        con.execute("UPDATE runs SET flow_run_id = ? WHERE run_id = ?", [flow_run_id, run_id])
+        con.execute(
+            "UPDATE runs SET flow_run_id = ?, deployment = coalesce(?, deployment) "
+            "WHERE run_id = ?",
+            [flow_run_id, deployment, run_id],
+        )
 
 
 def delete_run(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
-    """Remove every row of a run, in one transaction."""
+    """Remove every catalog row of a run, in one transaction (its files are the caller's)."""
     with transaction(con):
         _delete_run(con, run_id)
 
@@ -308,9 +472,23 @@ def _delete_run(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
         con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
 
 
+def _insert_skips(
+    con: duckdb.DuckDBPyConnection, run_id: str, shard: str | None, skips: Sequence
+) -> None:
+    rows = pa.table(
+        {
+            "run_id": pa.array([run_id] * len(skips), pa.string()),
+            "shard": pa.array([shard] * len(skips), pa.string()),
+            "image_key": pa.array([k for k, _ in skips], pa.string()),
+            "reason": pa.array([r for _, r in skips], pa.string()),
+        }
+    )
+    con.from_arrow(rows).insert_into("skipped_images")
+
+
 @dataclass(frozen=True)
 class PartRecord:
-    """One shard's part file and what the scoring task measured."""
+    """One shard's data file and what the scoring task measured."""
 
     run_id: str
     shard: str
@@ -322,85 +500,72 @@ class PartRecord:
     seconds: float
 
 
-def merge_part(con: duckdb.DuckDBPyConnection, part: PartRecord) -> None:
-    """Put the part's rows in place of the shard's, in one transaction (idempotent).
-
-    A shard has rows exactly when it has a ``run_shards`` row (both commit together), so a
-    first merge skips the deletes, which would otherwise scan the growing tables each time.
-    """
-    args = [part.run_id, part.shard]
-    try:  # read here, not by DuckDB: a path is data, never a glob pattern
-        rows = pq.read_table(part.path)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise DataError(f"{part.path}: cannot read this part ({e})") from e
-    con.register("part_rows", rows)
+def register_part(con: duckdb.DuckDBPyConnection, part: PartRecord, data_root: Path) -> bool:
+    """Record the shard's file in the catalog, in one transaction; False if it was already
+    registered. The file must be whole and hold the rows the scoring task counted."""
+    path = Path(part.path)
     try:
-        _merge(con, part, args)
-    finally:
-        con.unregister("part_rows")
-
-
-def _merge(con: duckdb.DuckDBPyConnection, part: PartRecord, args: list[str]) -> None:
+        meta = pq.read_metadata(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{path}: cannot read this data file ({e})") from e
+    if meta.num_rows != part.n_rows:
+        raise DataError(f"{path}: {meta.num_rows} rows, the scoring task wrote {part.n_rows}")
+    try:
+        relative = str(path.resolve().relative_to(Path(data_root).resolve()))
+    except ValueError:
+        raise DataError(f"{path}: lies outside the store's data root {data_root}") from None
     with transaction(con):
-        merged = con.execute(
-            "SELECT count(*) FROM run_shards WHERE run_id = ? AND shard = ?", args
-        ).fetchone()[0]
-        if merged:
-            con.execute("DELETE FROM predictions WHERE run_id = ? AND shard = ?", args)
-            con.execute(
-                "DELETE FROM targets WHERE run_id = ? AND image_key IN "
-                "(SELECT image_key FROM part_rows)",
-                [part.run_id],
-            )
-            con.execute("DELETE FROM skipped_images WHERE run_id = ? AND shard = ?", args)
-            con.execute("DELETE FROM run_shards WHERE run_id = ? AND shard = ?", args)
-        con.execute(
-            "INSERT INTO predictions SELECT run_id, shard, image_key, label_id, score "
-            "FROM part_rows"
-        )
-        con.execute(
-            "INSERT INTO targets SELECT run_id, image_key, label_id, target "
-            "FROM part_rows WHERE target IS NOT NULL"
-        )
+        done = one(con, "SELECT count(*) FROM run_shards WHERE run_id = ? AND shard = ?",
+                   [part.run_id, part.shard])[0]  # fmt: skip
+        if done:
+            return False
         if part.skipped:
-            skipped = pa.table(
-                {
-                    "run_id": [part.run_id] * len(part.skipped),
-                    "shard": [part.shard] * len(part.skipped),
-                    "image_key": [k for k, _ in part.skipped],
-                    "reason": [r for _, r in part.skipped],
-                }
-            )
-            con.from_arrow(skipped).insert_into("skipped_images")
+            _insert_skips(con, part.run_id, part.shard, part.skipped)
         con.execute(
-            "INSERT INTO run_shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO run_shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                *args,
+                part.run_id,
+                part.shard,
                 part.n_images,
                 len(part.skipped),
                 part.n_rows,
-                part.path,
+                relative,
+                path.stat().st_size,
                 part.worker,
                 part.seconds,
                 _now(),
             ],
         )
+    return True
 
 
-def finish_run(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
-    """Mark the run complete with its totals; returns the run's row."""
-    con.execute(
-        """
-        UPDATE runs SET status = 'complete', finished_at = ?,
-            n_images = (SELECT coalesce(sum(n_images), 0) FROM run_shards WHERE run_id = ?),
-            n_skipped = (SELECT count(*) FROM skipped_images WHERE run_id = ?)
-        WHERE run_id = ?
-        """,
-        [_now(), run_id, run_id, run_id],
-    )
+def finish_run(
+    con: duckdb.DuckDBPyConnection, run_id: str, summaries: pa.Table, n_reused: int = 0
+) -> dict[str, Any]:
+    """Insert the run's label summaries and mark it complete with its totals, in one
+    transaction; returns the run's row."""
+    with transaction(con):
+        con.execute("DELETE FROM label_summaries WHERE run_id = ?", [run_id])
+        con.from_arrow(summaries).insert_into("label_summaries")
+        con.execute(
+            """
+            UPDATE runs SET status = 'complete', finished_at = ?, n_reused = ?,
+                n_images = (SELECT coalesce(sum(n_images), 0) FROM run_shards WHERE run_id = ?),
+                n_skipped = (SELECT count(*) FROM skipped_images WHERE run_id = ?)
+            WHERE run_id = ?
+            """,
+            [_now(), n_reused, run_id, run_id, run_id],
+        )
     run = get_run(con, run_id)
     assert run is not None
     return run
+
+
+def one(con: duckdb.DuckDBPyConnection, sql: str, args: Sequence[Any] = ()) -> tuple | None:
+    """The first row of a query, or None; the result is read to its end (DuckDB 2 refuses
+    other work on a connection while a result is unfinished)."""
+    rows = con.execute(sql, list(args)).fetchall()
+    return rows[0] if rows else None
 
 
 @contextmanager

@@ -114,8 +114,8 @@ KILLER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return wrapped
 
-    if sys.argv[1] == "commit":  # right after the first shard's transaction commits
-        lcm.store.merge_part = die_after(lcm.store.merge_part)
+    if sys.argv[1] == "commit":  # right after the first shard's registration commits
+        lcm.store.register_part = die_after(lcm.store.register_part)
     else:  # right after the first part file is written, before anything is committed
         lcm.predict.parts.write_part = die_after(lcm.predict.parts.write_part)
     from cli import app
@@ -365,7 +365,7 @@ def test_a_run_replaced_meanwhile_is_not_merged_into_and_parts_need_equal_settin
     }
     raw = PredictRequest(**base)
     plan = start_run(raw)
-    done = [score_unit(raw, plan.pending[0], plan.model_sha256)]
+    done = [score_unit(raw, plan.pending[0], plan.model_sha256, plan.run_dir)]
     # an interrupted run's part is reused only when scored the same way
     assert [p.shard for p in start_run(raw).reused] == [done[0].shard]
     assert start_run(PredictRequest(**{**base, "batch_size": 5})).reused == ()

@@ -117,7 +117,8 @@ def test_a_writer_holding_the_file_is_named_and_parts_still_answer(db, tmp_path)
     )
     try:
         assert holder.stdout.readline().strip() == "ready"
-        res = lcm_query(tmp_path, "--db", str(db), "SELECT count(*) FROM predictions")
+        res = lcm_query(tmp_path, "--db", str(db), "SELECT count(*) FROM predictions",
+                        "--lock-timeout", "1")  # fmt: skip
         assert res.returncode == 1
         assert f"PID {holder.pid}" in res.stderr and "--parts" in res.stderr, res.stderr
         parts = default_parts_root(db)

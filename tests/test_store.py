@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from lcm import store
 from lcm.errors import DataError
 from lcm.predict import part_table, write_part
+from lcm.summaries import summarize
 from tests._predict_fixtures import fetch
 
 RUN = store.RunRecord(
@@ -20,26 +23,34 @@ RUN = store.RunRecord(
 LABELS = [("a", 0.5), ("b", 0.25), ("c", 0.75)]
 
 
-def make_part(tmp_path, shard, keys, seed):
+def make_part(run_dir, shard, keys, seed):
     rng = np.random.default_rng(seed)
     scores = [rng.random((len(keys), 3), dtype=np.float32)]
     targets = [rng.integers(-1, 2, (len(keys), 3)).astype(np.float32)]
     table = part_table("r", shard, keys, scores, targets, 3)
-    path = tmp_path / f"part-{shard}.parquet"
+    path = run_dir / f"part-{shard}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_part(path, table)
-    record = store.PartRecord("r", shard, str(path), len(keys), (("bad", "why"),), 9, "w", 0.1)
-    return record, scores[0]
+    n_rows = 3 * len(keys)
+    record = store.PartRecord("r", shard, str(path), len(keys), (("bad", "why"),), n_rows, "w", 0.1)
+    return record, scores[0], targets[0]
 
 
-def test_merging_a_part_twice_replaces_it(tmp_path):
+def test_registering_a_part_twice_is_a_noop_and_replace_swaps_at_once(tmp_path):
     db = tmp_path / "p.duckdb"
-    p0, s0 = make_part(tmp_path, "s0", ["k0", "k1"], 0)
-    p1, _ = make_part(tmp_path, "s1", ["k2"], 1)
     with store.writer(db, 0) as con:
-        store.create_run(con, RUN, LABELS, "default 0.5")
-        for part in (p0, p1, p0):  # s0 again, as after a crash between merge and finish
-            store.merge_part(con, part)
-        run = store.finish_run(con, "r")
+        ordinal, replaced = store.create_run(con, RUN, LABELS, "default 0.5")
+        root = store.data_root_of(con, db)
+    assert (ordinal, replaced) == (1, None) and root == store.default_parts_root(db).resolve()
+    run_dir = store.run_dir(root, ordinal)
+    p0, s0, t0 = make_part(run_dir, "s0", ["k0", "k1"], 0)
+    p1, s1, t1 = make_part(run_dir, "s1", ["k2"], 1)
+    with store.writer(db, 0) as con:
+        # s0 again, as after a crash between registration and finish
+        assert [store.register_part(con, p, root) for p in (p0, p1, p0)] == [True, True, False]
+        files = [root / r[0] for r in con.execute("SELECT part FROM run_shards").fetchall()]
+        sums = summarize("r", files, np.array([t for _, t in LABELS]))
+        run = store.finish_run(con, "r", sums)
     assert (run["status"], run["n_images"], run["n_skipped"]) == ("complete", 3, 2)
     assert fetch(db, "SELECT count(*) FROM predictions")[0][0] == 9
     assert fetch(db, "SELECT count(*) FROM targets")[0][0] == 9
@@ -49,9 +60,30 @@ def test_merging_a_part_twice_replaces_it(tmp_path):
     assert fetch(
         db, "SELECT name, predicted FROM predictions_named WHERE image_key = 'k0' ORDER BY label_id"
     ) == [(n, bool(s0[0, c] >= t)) for c, (n, t) in enumerate(LABELS)]
+    # a file under a run the catalog does not know is never visible
+    make_part(store.run_dir(root, 7), "stray", ["x"], 2)
+    assert fetch(db, "SELECT count(*) FROM predictions")[0][0] == 9
     with store.writer(db, 0) as con:  # the run again from scratch: old rows gone at once
-        store.create_run(con, RUN, LABELS, "default 0.5")
+        assert store.create_run(con, RUN, LABELS, "default 0.5") == (2, 1)
     assert fetch(db, "SELECT count(*) FROM predictions")[0][0] == 0
+    assert fetch(db, "SELECT run_ordinal, status FROM runs") == [(2, "running")]
+
+
+def test_register_refuses_a_file_that_is_not_what_the_task_wrote(tmp_path):
+    db = tmp_path / "p.duckdb"
+    with store.writer(db, 0) as con:
+        store.create_run(con, RUN, LABELS, "default 0.5")
+        root = store.data_root_of(con, db)
+        part, *_ = make_part(store.run_dir(root, 1), "s0", ["k0", "k1"], 0)
+        with pytest.raises(DataError, match="6 rows, the scoring task wrote 7"):
+            store.register_part(con, dataclasses.replace(part, n_rows=7), root)
+        outside, *_ = make_part(tmp_path / "elsewhere", "s0", ["k0", "k1"], 0)
+        with pytest.raises(DataError, match="outside the store's data root"):
+            store.register_part(con, outside, root)
+        Path(part.path).write_bytes(b"torn")
+        with pytest.raises(DataError, match="cannot read this data file"):
+            store.register_part(con, part, root)
+        assert con.execute("SELECT count(*) FROM run_shards").fetchone() == (0,)
 
 
 def test_writer_waits_for_a_lock_then_names_the_holder(tmp_path):
@@ -97,5 +129,19 @@ def test_not_a_database_and_another_schema_are_one_line_errors(tmp_path):
     db = tmp_path / "p.duckdb"
     with store.writer(db, 0) as con:
         con.execute("UPDATE lcm_schema SET version = 99")
-    with pytest.raises(DataError, match="schema version 99"), store.writer(db, 0):
+    with pytest.raises(DataError, match="schema version 99 is newer"), store.writer(db, 0):
+        pass
+    with store.writer(tmp_path / "q.duckdb", 0) as con:
+        con.execute("UPDATE lcm_schema SET version = 1")
+    with (
+        pytest.raises(DataError, match="version 1.*lcm store migrate"),
+        store.writer(tmp_path / "q.duckdb", 0),
+    ):
+        pass
+    with store.writer(tmp_path / "r.duckdb", 0):
+        pass
+    with (
+        pytest.raises(DataError, match="files live in .* not .*--parts"),
+        store.writer(tmp_path / "r.duckdb", 0, tmp_path / "other"),
+    ):
         pass

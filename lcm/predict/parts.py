@@ -1,5 +1,6 @@
-"""Parquet parts: one shard's scores in long format, written atomically, with what the merge needs
-in the file's metadata; and the run's labels beside them (for `lcm query --parts`)."""
+"""Data files: one shard's scores in long format, written atomically into its run's directory,
+with what registration needs in the file's metadata; and the run's labels beside them (for
+`lcm query --parts` and engines that read the files without the catalog)."""
 
 from __future__ import annotations
 
@@ -18,25 +19,24 @@ from lcm.io import atomic_path
 from lcm.predict.request import PredictRequest, Unit
 
 PART_META = b"lcm.part"
-PART_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("shard", pa.string()),
-        ("image_key", pa.string()),
-        ("label_id", pa.int16()),
-        ("score", pa.float32()),
-        ("target", pa.int8()),  # null when the source carries no labels
-    ]
-)
+PART_SCHEMA = store.PART_SCHEMA
 
 
-def part_path(req: PredictRequest, unit: Unit) -> Path:
-    return req.run_parts / f"part-{unit.name}.parquet"
+def part_path(run_dir: Path, unit: Unit) -> Path:
+    return Path(run_dir) / f"part-{unit.name}.parquet"
 
 
 def write_part(path: Path, table: pa.Table) -> None:
+    """zstd; the scores byte-stream-split and without a dictionary (measured: 3.8 bytes a
+    row instead of 5.8), every other column dictionary-encoded (constant or repeated)."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            use_dictionary=["run_id", "shard", "image_key", "label_id", "target"],
+            use_byte_stream_split=["score"],
+        )
 
 
 def part_table(
@@ -80,11 +80,11 @@ _REUSE_KEYS = ("run_id", "model_sha256", "unit_digest", "scoring")
 
 
 def reusable_part(
-    req: PredictRequest, unit: Unit, digest: str, settings: str
+    req: PredictRequest, run_dir: Path, unit: Unit, digest: str, settings: str
 ) -> store.PartRecord | None:
     """A part an interrupted run already wrote for exactly this unit and model, scored the
     same way (device, precision, batch size: any of them can change the last bits)."""
-    path = part_path(req, unit)
+    path = part_path(run_dir, unit)
     meta = read_part_meta(path) if path.is_file() else None
     wanted = (req.run_id, digest, unit.digest, settings)
     if not meta or tuple(meta.get(k) for k in _REUSE_KEYS) != wanted:
@@ -96,9 +96,9 @@ def reusable_part(
 
 
 def write_labels(
-    req: PredictRequest, meta: ckpt.ModelMeta, thresholds: np.ndarray, source: str
+    req: PredictRequest, run_dir: Path, meta: ckpt.ModelMeta, thresholds: np.ndarray, source: str
 ) -> None:
-    """The run's labels beside its parts, so `lcm query --parts` can name them."""
+    """The run's labels beside its files, so `lcm query --parts` can name them."""
     n = len(meta.classes)
     table = pa.table(
         {
@@ -109,6 +109,6 @@ def write_labels(
             "threshold_source": pa.array([source] * n, pa.string()),
         }
     )
-    req.run_parts.mkdir(parents=True, exist_ok=True)
-    with atomic_path(req.run_parts / store.LABELS_FILE) as tmp:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(run_dir) / store.LABELS_FILE) as tmp:
         pq.write_table(table, tmp)

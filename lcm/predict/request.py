@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,22 +30,19 @@ class PredictRequest:
     batch_size: int = 64
     num_workers: int | None = None  # decoding processes; None: 2 on CUDA, 0 on CPU
     device: str = "auto"
-    parts: Path | None = None  # parts root; default: <db dir>/parts/<db stem>
+    parts: Path | None = None  # data root; default: <db dir>/parts/<db stem>
     replace: bool = False
     lock_timeout: float = 60.0
+    run_date: date | None = None  # the night a run stands for (None: today, UTC)
 
     @property
     def parts_root(self) -> Path:
         return self.parts if self.parts is not None else store.default_parts_root(self.db)
 
-    @property
-    def run_parts(self) -> Path:
-        return self.parts_root / self.run_id
-
     def flow_params(self) -> dict[str, Any]:
         """The request as the batch-prediction flow's (JSON-friendly) parameters."""
         raw = dataclasses.asdict(self)
-        return {k: str(v) if isinstance(v, Path) else v for k, v in raw.items()}
+        return {k: str(v) if isinstance(v, Path | date) else v for k, v in raw.items()}
 
     def params(self) -> dict[str, Any]:
         return {
@@ -156,10 +154,9 @@ def check_run_conflict(req: PredictRequest, meta: ckpt.ModelMeta, source: Source
         return None
     con = store.open_db(req.db, read_only=True, timeout=req.lock_timeout)
     try:
-        has_runs = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'runs'"
-        ).fetchone()[0]
-        row = store.get_run(con, req.run_id) if has_runs else None
+        version = store.schema_version(con)
+        store.check_version(version, req.db, writing=True)  # older or newer: one line
+        row = store.get_run(con, req.run_id) if version else None
     finally:
         con.close()
     if row is None:
@@ -196,6 +193,7 @@ def run_record(
     source: Source,
     digest: str,
     flow_run_id: str | None = None,
+    deployment: str | None = None,
 ) -> store.RunRecord:
     return store.RunRecord(
         run_id=req.run_id,
@@ -210,6 +208,8 @@ def run_record(
         params=req.params(),
         lcm_version=__version__,
         flow_run_id=flow_run_id,
+        run_date=req.run_date,
+        deployment=deployment,
     )
 
 

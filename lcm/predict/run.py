@@ -1,4 +1,4 @@
-"""Starting (or resuming, or refusing) a run, and merging its parts into DuckDB."""
+"""Starting (or resuming, or refusing) a run, and registering its data files in the catalog."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from lcm.predict.request import (
     run_record,
 )
 from lcm.predict.score import scoring_settings
+from lcm.summaries import summarize
 
 log = logging.getLogger(__name__)
 
@@ -33,41 +34,45 @@ class RunPlan:
     reused: tuple[store.PartRecord, ...]  # complete parts from an interrupted run
     n_units: int
     n_images: int
+    run_dir: str = ""  # where this run's data files go: <data root>/run=<ordinal>
 
 
-def start_run(req: PredictRequest, flow_run_id: str | None = None) -> RunPlan:
+def start_run(
+    req: PredictRequest, flow_run_id: str | None = None, deployment: str | None = None
+) -> RunPlan:
     """Create, resume or refuse the run; list its pending units and reusable parts."""
     meta, source = check_request(req)
     digest = ckpt.model_digest(req.checkpoint, req.weights)
-    record = run_record(req, meta, source, digest, flow_run_id)
+    record = run_record(req, meta, source, digest, flow_run_id, deployment)
     thresholds, th_source = ckpt.thresholds_or_default(req.checkpoint, meta.classes)
-    with store.writer(req.db, req.lock_timeout) as con:
+    replaced = None
+    with store.writer(req.db, req.lock_timeout, req.parts_root) as con:
+        root = store.data_root_of(con, req.db)
         row = store.get_run(con, req.run_id)
         if row is not None and not req.replace:
             refuse_other_work(req, record, row)
             if row["status"] == "complete":
                 return RunPlan(req.run_id, digest, True, (), (), len(source.units), 0)
+            ordinal = row["run_ordinal"]
             committed = store.committed_shards(con, req.run_id)
-            store.mark_flow_run(con, req.run_id, flow_run_id)
-            log.info(
-                "resuming run %s: %d of %d shards committed",
-                req.run_id,
-                len(committed),
-                len(source.units),
-            )
+            store.mark_flow_run(con, req.run_id, flow_run_id, deployment)
+            log.info("resuming run %s: %d of %d shards registered", req.run_id,
+                     len(committed), len(source.units))  # fmt: skip
         else:
-            if req.replace:  # its parts first, then its rows (one transaction)
-                shutil.rmtree(req.run_parts, ignore_errors=True)
             labels = list(zip(meta.classes, thresholds.tolist(), strict=True))
-            store.create_run(con, record, labels, th_source, source.listing_skips)
+            ordinal, replaced = store.create_run(con, record, labels, th_source,
+                                                 source.listing_skips)  # fmt: skip
             committed = set()
-    parts.write_labels(req, meta, thresholds, th_source)
+    if replaced is not None:  # the catalog forgot it in the swap: its files go now
+        shutil.rmtree(store.run_dir(root, replaced), ignore_errors=True)
+    run_dir = store.run_dir(root, ordinal)
+    parts.write_labels(req, run_dir, meta, thresholds, th_source)
     pending, reused = [], []
     settings = scoring_settings(req)
     for unit in source.units:
         if unit.name in committed:
             continue
-        part = parts.reusable_part(req, unit, digest, settings)
+        part = parts.reusable_part(req, run_dir, unit, digest, settings)
         (reused if part else pending).append(part or unit)
     return RunPlan(
         req.run_id,
@@ -77,25 +82,22 @@ def start_run(req: PredictRequest, flow_run_id: str | None = None) -> RunPlan:
         tuple(reused),
         len(source.units),
         sum(u.count for u in pending),
+        str(run_dir),
     )
 
 
 def merge_parts(
-    req: PredictRequest, done: list[store.PartRecord], model_sha256: str
+    req: PredictRequest, done: list[store.PartRecord], model_sha256: str, n_reused: int = 0
 ) -> dict[str, Any]:
-    """Merge each part in its own transaction, then mark the run complete.
+    """Register each part in its own short transaction, then summarise the run from its
+    files and mark it complete.
 
     Only into the run this process started: if another process replaced the run meanwhile
-    (``--replace`` with another model), nothing is merged.
+    (``--replace`` with another model), nothing is registered.
     """
-    with store.writer(req.db, req.lock_timeout) as con:
-        run = store.get_run(con, req.run_id)
-        if run is None or run["model_sha256"] != model_sha256:
-            raise ConfigError(
-                f"{req.db}: run {req.run_id!r} was removed or replaced by another process "
-                "while this one scored it; nothing merged"
-            )
-        committed = store.committed_shards(con, req.run_id)
+    with store.writer(req.db, req.lock_timeout, req.parts_root) as con:
+        run = _own_run(con, req, model_sha256)
+        root = store.data_root_of(con, req.db)
         for part in done:
             meta = parts.read_part_meta(Path(part.path))
             if not meta or (meta["run_id"], meta["model_sha256"]) != (req.run_id, model_sha256):
@@ -103,12 +105,34 @@ def merge_parts(
                     f"{part.path}: this part is missing or was written for another run or "
                     "model; rerun the same command to score its shard again"
                 )
-            if part.shard not in committed:
-                store.merge_part(con, part)
-        done = len(store.committed_shards(con, req.run_id))
-        if done != run["n_shards"]:
-            raise DataError(
-                f"{req.db}: run {req.run_id!r} has {done} of {run['n_shards']} shards "
-                "committed; rerun the same command to finish it"
-            )
-        return store.finish_run(con, req.run_id)
+            store.register_part(con, part, root)
+        registered = con.execute(
+            "SELECT part FROM run_shards WHERE run_id = ? ORDER BY shard", [req.run_id]
+        ).fetchall()
+        thresholds = con.execute(
+            "SELECT threshold FROM labels WHERE run_id = ? ORDER BY label_id", [req.run_id]
+        ).fetchall()
+    if len(registered) != run["n_shards"]:
+        raise DataError(
+            f"{req.db}: run {req.run_id!r} has {len(registered)} of {run['n_shards']} shards "
+            "registered; rerun the same command to finish it"
+        )
+    # The summaries read the run's files with the catalog closed: readers and other writers
+    # wait only for the registrations above and the short transaction below.
+    import numpy as np
+
+    summaries = summarize(req.run_id, [root / p for (p,) in registered],
+                          np.array([t for (t,) in thresholds]))  # fmt: skip
+    with store.writer(req.db, req.lock_timeout, req.parts_root) as con:
+        _own_run(con, req, model_sha256)
+        return store.finish_run(con, req.run_id, summaries, n_reused)
+
+
+def _own_run(con: Any, req: PredictRequest, model_sha256: str) -> dict[str, Any]:
+    run = store.get_run(con, req.run_id)
+    if run is None or run["model_sha256"] != model_sha256:
+        raise ConfigError(
+            f"{req.db}: run {req.run_id!r} was removed or replaced by another process "
+            "while this one scored it; nothing registered"
+        )
+    return run

@@ -42,8 +42,11 @@ def decoding_workers(asked: int | None, device: Any) -> int:
     return 2 if device.type == "cuda" else 0
 
 
-def score_unit(req: PredictRequest, unit: Unit, model_sha256: str) -> store.PartRecord:
-    """Score one unit and write its part atomically; returns what the merge needs."""
+def score_unit(
+    req: PredictRequest, unit: Unit, model_sha256: str, run_dir: str
+) -> store.PartRecord:
+    """Score one unit and write its data file atomically into ``run_dir``; returns what
+    registration needs."""
     from lcm.inference import score_batches
     from lcm.runtime import amp_dtype, select_device
 
@@ -73,7 +76,7 @@ def score_unit(req: PredictRequest, unit: Unit, model_sha256: str) -> store.Part
     record = store.PartRecord(
         run_id=req.run_id,
         shard=unit.name,
-        path=str(parts.part_path(req, unit)),
+        path=str(parts.part_path(Path(run_dir), unit)),
         n_images=len(keys),
         skipped=tuple(skipped),
         n_rows=table.num_rows,
