@@ -95,6 +95,8 @@ data_app.add_typer(prepare_app, name="prepare")
 app.add_typer(report_app, name="report")
 app.add_typer(export_app, name="export")
 app.add_typer(visualize_app, name="visualize")
+store_app = App(help="The prediction store: migrate, prune, compact.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
 
 
 # --------------------------------------------------------------------------------------- data
@@ -531,6 +533,68 @@ def query(
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
+
+
+@store_app.command("migrate")
+def store_migrate(
+    db: Annotated[Path, typer.Option(help="A schema-1 DuckDB file of batch-predict.")],
+    parts: Annotated[
+        Path | None, typer.Option(help="Data root (default: <db dir>/parts/<db name>).")
+    ] = None,
+    lock_timeout: Annotated[float, typer.Option(min=0)] = 60.0,
+) -> None:
+    """Rewrite a schema-1 store (every row inside the DuckDB file) as schema 2: Parquet
+    files per run and shard, the DuckDB file a catalog. The old file stays as <db>.v1."""
+    from lcm.store_admin import migrate
+
+    done = migrate(db, parts, lock_timeout)
+    out.print(
+        f"{db}: {done.runs} runs, {done.rows} rows migrated to schema 2 (files under "
+        f"{done.data_root}); {done.bytes_before / 1e6:.1f} MB before, "
+        f"{done.bytes_after / 1e6:.1f} MB after. The schema-1 file is kept as "
+        f"{done.backup}: remove it when the new store serves you.",
+        highlight=False,
+    )
+
+
+@store_app.command("prune")
+def store_prune(
+    db: Annotated[Path, typer.Option(help="Prediction store (DuckDB catalog).")],
+    keep_days: Annotated[
+        int | None, typer.Option(help="Keep runs whose run date is within N days.")
+    ] = None,
+    keep_runs: Annotated[int | None, typer.Option(help="Keep the N newest runs.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Only say what would be removed.")] = False,
+    lock_timeout: Annotated[float, typer.Option(min=0)] = 60.0,
+) -> None:
+    """Remove whole complete runs (catalog rows and files) and give their space back; runs
+    being written are never touched. Safe to interrupt: a rerun finishes the job."""
+    from lcm.store_admin import prune
+
+    done = prune(db, keep_days=keep_days, keep_runs=keep_runs, dry_run=dry_run,
+                 lock_timeout=lock_timeout)  # fmt: skip
+    verb = "would remove" if dry_run else "removed"
+    runs = ", ".join(done.runs) if done.runs else "no runs"
+    orphans = f" and {_count(len(done.orphans), 'orphaned directory')}" if done.orphans else ""
+    out.print(f"{db}: {verb} {runs}{orphans} ({done.bytes_freed / 1e6:.1f} MB)", highlight=False)
+
+
+@store_app.command("compact")
+def store_compact(
+    db: Annotated[Path, typer.Option(help="Prediction store (DuckDB catalog).")],
+    run_id: Annotated[str, typer.Option(help="A complete run.")],
+    lock_timeout: Annotated[float, typer.Option(min=0)] = 60.0,
+) -> None:
+    """Rewrite a run's per-shard files into few large ones sorted by label and score (a
+    label's rows in few row groups). Safe to interrupt."""
+    from lcm.store_admin import compact
+
+    done = compact(db, run_id, lock_timeout)
+    out.print(
+        f"run {run_id!r}: {done.files_before} files ({done.bytes_before / 1e6:.1f} MB) -> "
+        f"{done.files_after} ({done.bytes_after / 1e6:.1f} MB)",
+        highlight=False,
+    )
 
 
 TABLE_ROWS = 100  # rows a terminal table shows unless --limit says otherwise
