@@ -20,6 +20,7 @@ atomically) through the same views.
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -73,19 +74,49 @@ def _one_statement(sql: str) -> Any:
 
 
 def connect(
-    db: Path | None = None, parts: Path | None = None, lock_timeout: float = LOCK_WAIT
+    db: Path | None = None,
+    parts: Path | None = None,
+    lock_timeout: float = LOCK_WAIT,
+    sql: str | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """A locked-down connection to ``db``'s store or to views over ``parts``."""
+    """A locked-down connection to ``db``'s store or to views over ``parts``. Given the
+    ``sql`` it will run, views over the data files are built only if it reads them."""
     if (db is None) == (parts is None):
         raise QueryError("give a database (--db) or a parts directory (--parts)")
     if db is not None:
         if not Path(db).is_file():
             raise QueryError(f"{db}: no such database (run `lcm batch-predict` first)")
-        return _catalog_connection(Path(db), lock_timeout)
+        return _catalog_connection(Path(db), lock_timeout, _needs(sql))
     return _parts_connection(Path(parts))
 
 
-def _catalog_connection(db: Path, lock_timeout: float) -> duckdb.DuckDBPyConnection:
+# What each name a query can use needs built first. A query builds only what it names (a word
+# match: duckdb.get_table_names binds JOIN ... USING and fails on it; a false match only costs
+# time): the views over the files glob every file of the store, and copying the catalog's
+# tables costs a few milliseconds each.
+_NEEDS: dict[str, set[str]] = {
+    "runs": {"runs"}, "labels": {"labels"}, "run_shards": {"run_shards"},
+    "skipped_images": {"skipped_images"}, "label_summaries": {"label_summaries"},
+    "label_drift": {"label_drift", "label_summaries", "runs", "labels"},
+    # the views over the files are built together (predictions_named needs labels)
+    "predictions": {"files", "runs", "labels"}, "targets": {"files", "runs", "labels"},
+    "predictions_named": {"files", "runs", "labels"}, "scored": {"files", "runs", "labels"},
+    "image_labels": {"files", "runs", "labels"},
+}  # fmt: skip
+_NAMES = re.compile(r"\b(" + "|".join(_NEEDS) + r")\b", re.IGNORECASE)
+
+
+def _needs(sql: str | None) -> set[str]:
+    """The catalog tables (and ``files``, ``label_drift``) a query needs; all when unsure."""
+    names = {m.lower() for m in _NAMES.findall(sql or "")}
+    if not names:
+        return set().union(*_NEEDS.values())
+    return set().union(*(_NEEDS[n] for n in names))
+
+
+def _catalog_connection(
+    db: Path, lock_timeout: float, needs: set[str]
+) -> duckdb.DuckDBPyConnection:
     base = {"enable_external_access": False, "memory_limit": MEMORY_LIMIT}
     hint = f"; or query its data files: --parts {store.default_parts_root(db)}"
     src = store.open_db(db, read_only=True, timeout=lock_timeout, config=base, hint=hint)
@@ -99,19 +130,16 @@ def _catalog_connection(db: Path, lock_timeout: float) -> duckdb.DuckDBPyConnect
             src, con = None, src
             return con
         root = store.data_root_of(src, db)
-        tables = {t: src.sql(f"SELECT * FROM {t}").to_arrow_table()
-                  for t in store.CATALOG_TABLES}  # fmt: skip
+        files = "files" in needs
+        copied = [t for t in store.CATALOG_TABLES if t in needs or (files and t == "run_shards")]
+        tables = {t: src.sql(f"SELECT * FROM {t}").to_arrow_table() for t in copied}
     finally:
         if src is not None:
             src.close()
-    missing = [p for p in tables["run_shards"].column("part").to_pylist()
-               if not (root / p).is_file()]  # fmt: skip
-    if missing:
-        raise QueryError(f"{root / missing[0]}: registered in {db} but missing on disk "
-                         f"({len(missing)} files); restore it, or remove its run with "
-                         "`lcm store prune`")  # fmt: skip
-    if not (root / store.SENTINEL).is_file() and not len(tables["run_shards"]):
-        raise QueryError(f"{root}: the store's data directory is missing or empty")
+    if files:
+        _check_files(db, root, tables["run_shards"], tables["runs"])
+        if "run_shards" not in needs:
+            del tables["run_shards"]
     con = duckdb.connect(":memory:", config={"memory_limit": MEMORY_LIMIT})
     try:
         for name, table in tables.items():
@@ -121,7 +149,10 @@ def _catalog_connection(db: Path, lock_timeout: float) -> duckdb.DuckDBPyConnect
         # Only the data directory stays readable; set in this order, then locked.
         con.execute("SET allowed_directories = ?", [[f"{root.resolve()}/"]])
         con.execute("SET enable_external_access = false")
-        con.execute(store.views_sql(root))
+        if files:
+            con.execute(store.views_sql(root, drift="label_drift" in needs))
+        elif "label_drift" in needs:
+            con.execute(store.DRIFT_VIEW)
     except duckdb.Error as e:
         con.close()
         raise QueryError(f"{db}: cannot read the store's files under {root} "
@@ -130,15 +161,38 @@ def _catalog_connection(db: Path, lock_timeout: float) -> duckdb.DuckDBPyConnect
     return con
 
 
+def _check_files(db: Path, root: Path, shards: pa.Table, runs: pa.Table) -> None:
+    """Every file the catalog registers is on disk (a missing one would silently drop its
+    rows from the views' glob): one listing of each run's directory."""
+    if not (root / store.SENTINEL).is_file() and not shards.num_rows:
+        raise QueryError(f"{root}: the store's data directory is missing or empty")
+    on_disk: set[str] = set()
+    for run_id, ordinal in zip(runs.column("run_id").to_pylist(),
+                               runs.column("run_ordinal").to_pylist(), strict=True):  # fmt: skip
+        folder = store.run_dir(root, run_id, ordinal)
+        prefix = str(folder.relative_to(root)) + "/"
+        try:
+            on_disk.update(prefix + e.name for e in os.scandir(folder))
+        except FileNotFoundError:
+            continue
+    registered = shards.column("part").to_pylist()
+    missing = [p for p in registered if p not in on_disk]
+    if missing:
+        raise QueryError(f"{root / missing[0]}: registered in {db} but missing on disk "
+                         f"({len(missing)} files); restore it, or remove its run with "
+                         "`lcm store prune`")  # fmt: skip
+
+
 def _parts_connection(parts: Path) -> duckdb.DuckDBPyConnection:
     if not parts.is_dir():
         raise QueryError(f"{parts}: not a directory of Parquet parts")
     root = parts.resolve()
     if set(str(root)) & set("'*?[]{}\\"):
         raise QueryError(f"{parts}: quotes and wildcards in the path are not supported here")
-    # a run's own directory, or the parts root holding one directory per run
-    pattern = "" if any(root.glob("part-*.parquet")) else "*/"
-    if not any(root.glob(f"{pattern}part-*.parquet")):
+    # a run's own directory, a schema-1 parts root (one directory per run) or a schema-2
+    # data root (run_id=<id>/run=<n>/)
+    pattern = next((p for p in ("", "*/", "*/*/") if any(root.glob(f"{p}part-*.parquet"))), None)
+    if pattern is None:
         raise QueryError(f"{parts}: holds no part-*.parquet files")
     con = duckdb.connect(":memory:", config={"memory_limit": MEMORY_LIMIT})
     # Only the parts directory stays readable; set in this order, then locked below.
@@ -174,7 +228,7 @@ def run_query(
 ) -> tuple[pa.Table, bool]:
     """The result (at most ``limit`` rows) and whether rows were left out by the limit."""
     check_sql(sql)
-    con = connect(db, parts, lock_timeout)
+    con = connect(db, parts, lock_timeout, sql)
     try:
         try:
             reader = con.sql(sql).to_arrow_reader()

@@ -4,14 +4,16 @@ Layout (schema version 2)::
 
     <db>.duckdb                       the catalog: runs, labels, run_shards, skipped_images,
                                       label_summaries, and the views users query
-    <data root>/run=<n>/part-<shard>.parquet   one file per shard of run ordinal n (zstd)
+    <data root>/run_id=<id>/run=<n>/part-<shard>.parquet   one file per shard (zstd)
 
 The data root defaults to ``<db dir>/parts/<db stem>`` and is recorded in the catalog. Every
-run gets an integer *ordinal* when it is created; its files live in ``run=<n>/``, so a filter
-on a run (by ``run_id`` through the views, or by ordinal) opens that run's files only: DuckDB
-prunes hive partitions, also through the join that maps ``run_id`` to its ordinal. A run's
-rows are never copied into the catalog, so the catalog stays small (a few MB a year) and a
-night's append costs the same at night 1 and night 365.
+run gets an integer *ordinal* when it is created (and a new one when it is replaced or
+compacted). Both are hive partitions of the path, so a query that names its runs
+(``WHERE run_id = 'scheduled-2026-12-01'``, or ``IN (...)``) opens those runs' files only:
+DuckDB prunes on constant filters of partition columns at plan time (measured: 41 of 4,101
+files read; it does not prune through a join or a subquery, which is why the run id itself,
+not only the ordinal, is in the path). A run's rows are never copied into the catalog, so the
+catalog stays small and a night's append costs the same at night 1 and night 365.
 
 Write protocol (what makes a run exact and resumable):
 
@@ -22,11 +24,11 @@ Write protocol (what makes a run exact and resumable):
 3. when every shard is registered, the run's per-label summaries are computed from its files
    (before the catalog is opened) and inserted in the transaction that marks it ``complete``.
 
-The views read ``run=*/part-*.parquet`` joined to ``runs`` on the ordinal: a file of a run the
-catalog does not know (a replaced or pruned run whose directory is being removed, or one
-orphaned by a crash) is never visible, and a shard is visible as a whole file or not at all.
-``--replace`` gives the run a new ordinal (a new directory) in the transaction that removes
-the old rows; the old directory is deleted afterwards.
+The views read ``run_id=*/run=*/part-*.parquet`` joined to ``runs`` on (run id, ordinal): a
+file of a run the catalog does not know (a replaced or pruned run whose directory is being
+removed, or one orphaned by a crash) is never visible, and a shard is visible as a whole file
+or not at all. ``--replace`` gives the run a new ordinal (a new directory) in the transaction
+that removes the old rows; the old directory is deleted afterwards.
 
 DuckDB lets one process open a file at a time (a reader blocks a writer too), so writers
 connect only for the instant they register or finish, and retry on the lock error for up to
@@ -57,7 +59,8 @@ from lcm.errors import DataError, LcmError, first_line
 
 SCHEMA_VERSION = 2
 LABELS_FILE = "labels.parquet"  # a run's labels, beside its Parquet files
-SENTINEL = "run=0/part-empty.parquet"  # keeps the views valid before the first run
+# keeps the views valid before the first run (no run id starts with '_', no ordinal is 0)
+SENTINEL = "run_id=_/run=0/part-empty.parquet"
 MEMORY_LIMIT = "2GB"
 HISTOGRAM_BINS = 20
 
@@ -132,11 +135,12 @@ CREATE TABLE IF NOT EXISTS label_summaries (
 # The user-facing views, over the data files (in the catalog and in `lcm query`'s memory).
 _VIEWS = """
 CREATE OR REPLACE VIEW predictions AS
-SELECT r.run_id, p.shard, p.image_key, p.label_id, p.score
-FROM {files} p JOIN runs r ON r.run_ordinal = p.run;
+SELECT p.run_id, p.shard, p.image_key, p.label_id, p.score
+FROM {files} p JOIN runs r ON r.run_id = p.run_id AND r.run_ordinal = p.run;
 CREATE OR REPLACE VIEW targets AS
-SELECT r.run_id, p.image_key, p.label_id, p.target
-FROM {files} p JOIN runs r ON r.run_ordinal = p.run WHERE p.target IS NOT NULL;
+SELECT p.run_id, p.image_key, p.label_id, p.target
+FROM {files} p JOIN runs r ON r.run_id = p.run_id AND r.run_ordinal = p.run
+WHERE p.target IS NOT NULL;
 """
 VIEWS = """
 CREATE OR REPLACE VIEW predictions_named AS
@@ -199,24 +203,25 @@ def default_parts_root(db: Path) -> Path:
     return Path(db).parent / "parts" / Path(db).stem
 
 
-def run_dir(data_root: Path, ordinal: int) -> Path:
-    return Path(data_root) / f"run={ordinal}"
+def run_dir(data_root: Path, run_id: str, ordinal: int) -> Path:
+    return Path(data_root) / f"run_id={run_id}" / f"run={ordinal}"
 
 
 def files_sql(data_root: Path) -> str:
-    """The ``read_parquet`` of every data file under ``data_root`` (hive column ``run``)."""
+    """The ``read_parquet`` of every data file under ``data_root`` (hive columns ``run_id``
+    and ``run``)."""
     root = str(Path(data_root).resolve())
     if set(root) & set("'*?[]{}\\"):
         raise DataError(f"{root}: quotes and wildcards in the store's path are not supported")
     return (
-        f"read_parquet('{root}/run=*/part-*.parquet', hive_partitioning = true, "
-        "hive_types = {'run': INTEGER}, union_by_name = false)"
+        f"read_parquet('{root}/run_id=*/run=*/part-*.parquet', hive_partitioning = true, "
+        "hive_types = {'run_id': VARCHAR, 'run': INTEGER})"
     )
 
 
-def views_sql(data_root: Path) -> str:
-    """Every view of the store, over ``data_root``'s files."""
-    return _VIEWS.format(files=files_sql(data_root)) + VIEWS + DRIFT_VIEW
+def views_sql(data_root: Path, drift: bool = True) -> str:
+    """Every view of the store, over ``data_root``'s files (``drift``: label_drift too)."""
+    return _VIEWS.format(files=files_sql(data_root)) + VIEWS + (DRIFT_VIEW if drift else "")
 
 
 class StoreLockedError(LcmError):
@@ -540,11 +545,19 @@ def register_part(con: duckdb.DuckDBPyConnection, part: PartRecord, data_root: P
 
 
 def finish_run(
-    con: duckdb.DuckDBPyConnection, run_id: str, summaries: pa.Table, n_reused: int = 0
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    summaries: pa.Table,
+    n_reused: int = 0,
+    moved: tuple[int, Path, Path] | None = None,
 ) -> dict[str, Any]:
     """Insert the run's label summaries and mark it complete with its totals, in one
-    transaction; returns the run's row."""
+    transaction; returns the run's row. ``moved`` = (ordinal, file, data root): the run's
+    rows now live in that one file under that ordinal (the views switch to it in the same
+    transaction)."""
     with transaction(con):
+        if moved is not None:
+            _move_run(con, run_id, *moved)
         con.execute("DELETE FROM label_summaries WHERE run_id = ?", [run_id])
         con.from_arrow(summaries).insert_into("label_summaries")
         con.execute(
@@ -566,6 +579,27 @@ def one(con: duckdb.DuckDBPyConnection, sql: str, args: Sequence[Any] = ()) -> t
     other work on a connection while a result is unfinished)."""
     rows = con.execute(sql, list(args)).fetchall()
     return rows[0] if rows else None
+
+
+def move_run(
+    con: duckdb.DuckDBPyConnection, run_id: str, ordinal: int, path: Path, root: Path
+) -> None:
+    """Point a run at one file under a new ordinal, in one transaction (the views switch from
+    the old directory to the new one at once)."""
+    with transaction(con):
+        _move_run(con, run_id, ordinal, path, root)
+
+
+def _move_run(
+    con: duckdb.DuckDBPyConnection, run_id: str, ordinal: int, path: Path, root: Path
+) -> None:
+    con.execute("UPDATE runs SET run_ordinal = ? WHERE run_id = ?", [ordinal, run_id])
+    # every shard's row names the one file; bytes are its share by rows
+    con.execute(
+        "UPDATE run_shards SET part = ?, bytes = round(? * n_rows / greatest(1, "
+        "(SELECT sum(n_rows) FROM run_shards WHERE run_id = ?))) WHERE run_id = ?",
+        [str(Path(path).relative_to(root)), Path(path).stat().st_size, run_id, run_id],
+    )
 
 
 @contextmanager

@@ -12,12 +12,13 @@ Every operation is safe to kill at any point and never touches a run that is bei
 - :func:`compact` rewrites a complete run's files into a new run directory and points the run
   at it in one transaction; killed before, the new directory is an orphan, after, the old one.
 
-Orphans are directories ``run=<n>`` whose ordinal no run holds (and that no run can ever get:
-ordinals only grow).
+Orphans are directories ``run_id=<id>/run=<n>`` that no run holds (and that no run can ever
+get: ordinals only grow).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -37,7 +38,7 @@ from lcm.summaries import summarize
 log = logging.getLogger(__name__)
 
 V1_BACKUP_SUFFIX = ".v1"
-COMPACT_ROWS = 8_000_000  # rows per compacted file (about 32 MB at 4 bytes a row)
+COMPACT_ROWS_PER_GROUP = 100_000  # a compacted file's row groups (a few per label at COCO scale)
 
 
 def _write(path: Path, table: pa.Table) -> None:
@@ -87,7 +88,7 @@ def migrate(db: Path, data_root: Path | None = None, lock_timeout: float = 60.0)
         try:
             store.ensure_schema(dst, tmp, root)
             for ordinal, run in enumerate(_v1_runs(src), 1):
-                written.append(store.run_dir(root, ordinal))
+                written.append(store.run_dir(root, run["run_id"], ordinal))
                 done.rows += _migrate_run(src, dst, run, ordinal, root)
                 done.runs += 1
             dst.execute("INSERT OR REPLACE INTO store_meta VALUES ('next_ordinal', ?)",
@@ -118,7 +119,7 @@ def _v1_runs(con: Any) -> list[dict[str, Any]]:
 
 def _migrate_run(src: Any, dst: Any, run: dict[str, Any], ordinal: int, root: Path) -> int:
     run_id = run["run_id"]
-    run_dir = store.run_dir(root, ordinal)
+    run_dir = store.run_dir(root, run_id, ordinal)
     shards = src.execute("SELECT * FROM run_shards WHERE run_id = ? ORDER BY shard",
                          [run_id]).fetchall()  # fmt: skip
     cols = [d[0] for d in src.description]
@@ -209,7 +210,7 @@ def prune(
             "SELECT run_id, run_ordinal, run_date FROM runs WHERE status = 'complete' "
             "ORDER BY run_date DESC, created_at DESC"
         ).fetchall()
-        held = {o for (o,) in con.execute("SELECT run_ordinal FROM runs").fetchall()}
+        held = set(con.execute("SELECT run_id, run_ordinal FROM runs").fetchall())
         next_free = store.one(con, "SELECT value FROM store_meta WHERE key = 'next_ordinal'")
     if keep_runs is not None:
         doomed = runs[keep_runs:]
@@ -217,35 +218,45 @@ def prune(
         cutoff = (today or store._now().date()) - timedelta(days=keep_days)
         doomed = [r for r in runs if r[2] < cutoff]
     limit = int(next_free[0]) if next_free else 1
-    orphans = [d for d in _run_dirs(root) if d[0] not in held and 0 < d[0] < limit]
+    orphans = [(key, path) for key, path in _run_dirs(root)
+               if key not in held and 0 < key[1] < limit]  # fmt: skip
     out = Pruned()
     for run_id, ordinal, _ in doomed:
         out.runs.append(run_id)
-        out.bytes_freed += _dir_bytes(store.run_dir(root, ordinal))
-    out.orphans = [p.name for _, p in orphans]
+        out.bytes_freed += _dir_bytes(store.run_dir(root, run_id, ordinal))
+    out.orphans = [str(p.relative_to(root)) for _, p in orphans]
     out.bytes_freed += sum(_dir_bytes(p) for _, p in orphans)
     if dry_run:
         return out
     for _, path in orphans:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_run_dir(path)
     for run_id, ordinal, _ in doomed:
         with _catalog(db, lock_timeout) as con:
             row = store.get_run(con, run_id)
             if row is None or row["run_ordinal"] != ordinal or row["status"] != "complete":
                 continue  # replaced or resumed meanwhile: not this prune's to remove
             store.delete_run(con, run_id)
-        shutil.rmtree(store.run_dir(root, ordinal), ignore_errors=True)
+        _remove_run_dir(store.run_dir(root, run_id, ordinal))
     return out
 
 
-def _run_dirs(root: Path) -> list[tuple[int, Path]]:
+def _run_dirs(root: Path) -> list[tuple[tuple[str, int], Path]]:
+    """((run id, ordinal), path) of every run directory under the data root."""
     out = []
-    for path in Path(root).glob("run=*"):
+    for path in Path(root).glob("run_id=*/run=*"):
         try:
-            out.append((int(path.name.split("=", 1)[1]), path))
+            key = (path.parent.name.split("=", 1)[1], int(path.name.split("=", 1)[1]))
         except ValueError:
             continue
+        out.append((key, path))
     return sorted(out)
+
+
+def _remove_run_dir(path: Path) -> None:
+    """A run directory, then its run id's directory if nothing else is left in it."""
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):  # another ordinal of the run id lives on
+        path.parent.rmdir()
 
 
 class _catalog:
@@ -283,10 +294,12 @@ class Compacted:
 
 
 def compact(db: Path, run_id: str, lock_timeout: float = 60.0,
-            rows_per_file: int = COMPACT_ROWS) -> Compacted:  # fmt: skip
-    """Rewrite a complete run's shard files into files of about ``rows_per_file`` rows,
-    sorted by label then score (a label's rows then sit in few row groups, which a
-    per-label filter skips to), under a new ordinal; then point the run at them."""
+            rows_per_group: int = COMPACT_ROWS_PER_GROUP) -> Compacted:  # fmt: skip
+    """Rewrite a complete run's files into one sorted by label then score, in row groups of
+    ``rows_per_group`` rows (a label's rows then sit in one or two row groups, which a
+    per-label filter skips to), under a new ordinal; then point the run at it."""
+    from lcm.predict.parts import RUN_FILE, write_part
+
     with _catalog(db, lock_timeout) as con:
         root = store.data_root_of(con, db)
         run = store.get_run(con, run_id)
@@ -297,25 +310,19 @@ def compact(db: Path, run_id: str, lock_timeout: float = 60.0,
         rows = con.execute("SELECT DISTINCT part FROM run_shards WHERE run_id = ?", [run_id])
         parts = [p for (p,) in rows.fetchall()]
         ordinal = store.next_ordinal(con)  # reserved: no other run gets this directory
-    old_dir, new_dir = store.run_dir(root, run["run_ordinal"]), store.run_dir(root, ordinal)
+    old_dir = store.run_dir(root, run_id, run["run_ordinal"])
+    new_dir = store.run_dir(root, run_id, ordinal)
     before = _dir_bytes(old_dir)
     table = pa.concat_tables([pq.read_table(root / p) for p in parts])
     table = table.sort_by([("label_id", "ascending"), ("score", "descending")])
-    names = []
-    for k, lo in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
-        name = f"part-compacted-{k:04d}.parquet"
-        _write(new_dir / name, table.slice(lo, rows_per_file))
-        names.append(name)
-    labels = old_dir / store.LABELS_FILE
-    if labels.is_file():
-        shutil.copy2(labels, new_dir / store.LABELS_FILE)
-    with _catalog(db, lock_timeout) as con, store.transaction(con):
+    new_dir.mkdir(parents=True, exist_ok=True)
+    write_part(new_dir / RUN_FILE, table, row_group_size=rows_per_group)
+    if (old_dir / store.LABELS_FILE).is_file():
+        shutil.copy2(old_dir / store.LABELS_FILE, new_dir / store.LABELS_FILE)
+    with _catalog(db, lock_timeout) as con:
         row = store.get_run(con, run_id)
         if row is None or row["run_ordinal"] != run["run_ordinal"]:
             raise ConfigError(f"{db}: run {run_id!r} was replaced or removed meanwhile")
-        con.execute("UPDATE runs SET run_ordinal = ? WHERE run_id = ?", [ordinal, run_id])
-        # each shard now lives in the compacted files: the first one names them
-        con.execute("UPDATE run_shards SET part = ?, bytes = ? WHERE run_id = ?",
-                    [f"{new_dir.name}/{names[0]}", _dir_bytes(new_dir), run_id])  # fmt: skip
-    shutil.rmtree(old_dir, ignore_errors=True)
-    return Compacted(run_id, len(parts), len(names), before, _dir_bytes(new_dir))
+        store.move_run(con, run_id, ordinal, new_dir / RUN_FILE, root)
+    _remove_run_dir(old_dir)
+    return Compacted(run_id, len(parts), 1, before, _dir_bytes(new_dir))

@@ -44,11 +44,16 @@ def score_bins(scores: np.ndarray) -> np.ndarray:
 
 def summarize(run_id: str, files: Sequence[Path], thresholds: np.ndarray) -> pa.Table:
     """The summary rows of a run from its data files (long format: label_id, score, target)."""
-    n_labels = len(thresholds)
     parts = [pq.read_table(f, columns=["label_id", "score", "target"]) for f in files]
-    table = pa.concat_tables(parts) if parts else pa.table(
-        {"label_id": pa.array([], pa.int16()), "score": pa.array([], pa.float32()),
-         "target": pa.array([], pa.int8())})  # fmt: skip
+    return summarize_table(run_id, pa.concat_tables(parts) if parts else None, thresholds)
+
+
+def summarize_table(run_id: str, table: pa.Table | None, thresholds: np.ndarray) -> pa.Table:
+    """The summary rows of a run from its rows (columns label_id, score, target)."""
+    n_labels = len(thresholds)
+    if table is None:
+        table = pa.table({"label_id": pa.array([], pa.int16()), "score": pa.array([], pa.float32()),
+                          "target": pa.array([], pa.int8())})  # fmt: skip
     label = table.column("label_id").to_numpy().astype(np.int64)
     score = table.column("score").to_numpy()
     target_col = table.column("target")

@@ -41,7 +41,7 @@ def add_run(
         scores = [rng.random((per_shard, len(LABELS)), dtype=np.float32)]
         targets = [rng.integers(-1, 2, (per_shard, len(LABELS))).astype(np.float32)]
         table = part_table(run_id, f"shard-{s}", keys, scores, targets, len(LABELS))
-        path = store.run_dir(root, ordinal) / f"part-shard-{s}.parquet"
+        path = store.run_dir(root, run_id, ordinal) / f"part-shard-{s}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_part(path, table)
         part = store.PartRecord(run_id, f"shard-{s}", str(path), per_shard, (), table.num_rows,

@@ -42,7 +42,7 @@ def test_registering_a_part_twice_is_a_noop_and_replace_swaps_at_once(tmp_path):
         ordinal, replaced = store.create_run(con, RUN, LABELS, "default 0.5")
         root = store.data_root_of(con, db)
     assert (ordinal, replaced) == (1, None) and root == store.default_parts_root(db).resolve()
-    run_dir = store.run_dir(root, ordinal)
+    run_dir = store.run_dir(root, "r", ordinal)
     p0, s0, t0 = make_part(run_dir, "s0", ["k0", "k1"], 0)
     p1, s1, t1 = make_part(run_dir, "s1", ["k2"], 1)
     with store.writer(db, 0) as con:
@@ -61,7 +61,7 @@ def test_registering_a_part_twice_is_a_noop_and_replace_swaps_at_once(tmp_path):
         db, "SELECT name, predicted FROM predictions_named WHERE image_key = 'k0' ORDER BY label_id"
     ) == [(n, bool(s0[0, c] >= t)) for c, (n, t) in enumerate(LABELS)]
     # a file under a run the catalog does not know is never visible
-    make_part(store.run_dir(root, 7), "stray", ["x"], 2)
+    make_part(store.run_dir(root, "r", 7), "stray", ["x"], 2)
     assert fetch(db, "SELECT count(*) FROM predictions")[0][0] == 9
     with store.writer(db, 0) as con:  # the run again from scratch: old rows gone at once
         assert store.create_run(con, RUN, LABELS, "default 0.5") == (2, 1)
@@ -74,7 +74,7 @@ def test_register_refuses_a_file_that_is_not_what_the_task_wrote(tmp_path):
     with store.writer(db, 0) as con:
         store.create_run(con, RUN, LABELS, "default 0.5")
         root = store.data_root_of(con, db)
-        part, *_ = make_part(store.run_dir(root, 1), "s0", ["k0", "k1"], 0)
+        part, *_ = make_part(store.run_dir(root, "r", 1), "s0", ["k0", "k1"], 0)
         with pytest.raises(DataError, match="6 rows, the scoring task wrote 7"):
             store.register_part(con, dataclasses.replace(part, n_rows=7), root)
         outside, *_ = make_part(tmp_path / "elsewhere", "s0", ["k0", "k1"], 0)

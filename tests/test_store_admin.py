@@ -14,6 +14,7 @@ import time
 from datetime import date
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import average_precision_score
 
@@ -150,12 +151,12 @@ def test_prune_removes_whole_complete_runs_and_gives_the_space_back(tmp_path):
     plan = prune(db, keep_runs=1, dry_run=True)
     assert plan.runs == ["night-002", "night-001", "night-000"]
     assert fingerprint(root) == before  # a dry run changes nothing
-    sizes = {r["run_id"]: sum(f.stat().st_size for f in store.run_dir(root, r["run_ordinal"])
-                              .rglob("*")) for r in runs}  # fmt: skip
+    sizes = {r["run_id"]: sum(f.stat().st_size for f in store.run_dir(
+        root, r["run_id"], r["run_ordinal"]).rglob("*")) for r in runs}  # fmt: skip
     done = prune(db, keep_runs=1)
     assert done.bytes_freed >= 0.9 * sum(sizes[r] for r in done.runs)
     for r in runs[:3]:
-        assert not store.run_dir(root, r["run_ordinal"]).exists()
+        assert not store.run_dir(root, r["run_id"], r["run_ordinal"]).exists()
     left = rows(db, "SELECT run_id, status FROM runs ORDER BY run_id")
     assert left == [{"run_id": "night-003", "status": "complete"},
                     {"run_id": "writing", "status": "running"}]  # fmt: skip
@@ -228,7 +229,7 @@ def test_prune_killed_at_any_point_leaves_runs_whole_or_gone(tmp_path):
     assert done.returncode == 0, done.stderr
     check_whole_or_gone(db)
     ordinals = {r["run_ordinal"] for r in rows(db, "SELECT run_ordinal FROM runs")}
-    on_disk = {int(p.name.split("=")[1]) for p in root.glob("run=*")} - {0}
+    on_disk = {int(p.name.split("=")[1]) for p in root.glob("run_id=*/run=*")} - {0}
     assert on_disk == ordinals  # no orphaned directory left
     assert len(ordinals) == 2
 
@@ -273,9 +274,16 @@ def test_compact_keeps_every_row_and_is_safe_to_kill(tmp_path):
                "--run-id", "r"]  # fmt: skip
         assert subprocess.run(cmd, env=cli_env(tmp_path), capture_output=True).returncode == -9
         assert rows(db, everything) == before
-    # the kill after the swap left the run compacted (one file); compact it again, smaller
-    done = compact(db, "r", rows_per_file=50)
-    assert (done.files_before, done.files_after) == (1, 3)
+    # the kill after the swap left the run compacted; compact it again, in small row groups
+    done = compact(db, "r", rows_per_group=20)
+    assert (done.files_before, done.files_after) == (1, 1)
+    ordinal = rows(db, "SELECT run_ordinal FROM runs WHERE run_id = 'r'")[0]["run_ordinal"]
+    file = store.run_dir(store.default_parts_root(db), "r", ordinal) / "part-run.parquet"
+    meta = pq.ParquetFile(file).metadata
+    assert meta.num_row_groups == 7  # 126 rows by label then score
+    assert pq.read_table(file).column("label_id").to_pylist() == sorted(
+        pq.read_table(file).column("label_id").to_pylist()
+    )
     assert rows(db, everything) == before
     assert rows(db, "SELECT * FROM scored ORDER BY ALL") == scored_before
     with pytest.raises(ConfigError, match="still being written"):
@@ -283,16 +291,16 @@ def test_compact_keeps_every_row_and_is_safe_to_kill(tmp_path):
     prune(db, keep_runs=10)  # clears the orphans the kills left
     root = store.default_parts_root(db)
     ordinals = {r["run_ordinal"] for r in rows(db, "SELECT run_ordinal FROM runs")}
-    assert {int(p.name.split("=")[1]) for p in root.glob("run=*")} - {0} == ordinals
+    assert {int(p.name.split("=")[1]) for p in root.glob("run_id=*/run=*")} - {0} == ordinals
 
 
 # --------------------------------------------------------------------------------- bad input
 def test_bad_stores_are_one_line_errors_and_change_nothing(tmp_path):
     env = cli_env(tmp_path)
 
-    def lcm_query(db):
-        return subprocess.run(lcm_cmd("query", "--db", str(db), "SELECT count(*) FROM runs"),
-                              env=env, capture_output=True, text=True)  # fmt: skip
+    def lcm_query(db, sql="SELECT count(*) FROM predictions"):
+        return subprocess.run(lcm_cmd("query", "--db", str(db), sql), env=env,
+                              capture_output=True, text=True)  # fmt: skip
 
     folder = tmp_path / "folder.duckdb"
     folder.mkdir()
@@ -303,7 +311,7 @@ def test_bad_stores_are_one_line_errors_and_change_nothing(tmp_path):
     db = tmp_path / "s.duckdb"
     add_run(db, "r")
     root = store.default_parts_root(db)
-    victim = next(root.glob("run=1/part-shard-1.parquet"))
+    victim = next(root.glob("run_id=r/run=1/part-shard-1.parquet"))
     data = victim.read_bytes()
     victim.unlink()
     snapshot = fingerprint(tmp_path)
@@ -311,7 +319,8 @@ def test_bad_stores_are_one_line_errors_and_change_nothing(tmp_path):
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
     assert "part-shard-1.parquet: registered in" in done.stderr and "missing" in done.stderr
     with pytest.raises(QueryError, match="missing on disk"):
-        run_query("SELECT 1", db=db)
+        run_query("SELECT * FROM scored", db=db)
+    assert lcm_query(db, "SELECT count(*) FROM runs").returncode == 0  # the catalog alone
     assert fingerprint(tmp_path) == snapshot
     victim.write_bytes(data)
 

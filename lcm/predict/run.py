@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lcm import checkpoint as ckpt
 from lcm import store
 from lcm.errors import ConfigError, DataError
@@ -20,7 +22,7 @@ from lcm.predict.request import (
     run_record,
 )
 from lcm.predict.score import scoring_settings
-from lcm.summaries import summarize
+from lcm.summaries import summarize_table
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ class RunPlan:
     reused: tuple[store.PartRecord, ...]  # complete parts from an interrupted run
     n_units: int
     n_images: int
-    run_dir: str = ""  # where this run's data files go: <data root>/run=<ordinal>
+    run_dir: str = ""  # where this run's data files go: <data root>/run_id=<id>/run=<ordinal>
 
 
 def start_run(
@@ -64,8 +66,8 @@ def start_run(
                                                  source.listing_skips)  # fmt: skip
             committed = set()
     if replaced is not None:  # the catalog forgot it in the swap: its files go now
-        shutil.rmtree(store.run_dir(root, replaced), ignore_errors=True)
-    run_dir = store.run_dir(root, ordinal)
+        shutil.rmtree(store.run_dir(root, req.run_id, replaced), ignore_errors=True)
+    run_dir = store.run_dir(root, req.run_id, ordinal)
     parts.write_labels(req, run_dir, meta, thresholds, th_source)
     pending, reused = [], []
     settings = scoring_settings(req)
@@ -89,50 +91,75 @@ def start_run(
 def merge_parts(
     req: PredictRequest, done: list[store.PartRecord], model_sha256: str, n_reused: int = 0
 ) -> dict[str, Any]:
-    """Register each part in its own short transaction, then summarise the run from its
-    files and mark it complete.
+    """Check each part was written for this run and model, then :func:`complete_run`.
 
     Only into the run this process started: if another process replaced the run meanwhile
     (``--replace`` with another model), nothing is registered.
     """
-    with store.writer(req.db, req.lock_timeout, req.parts_root) as con:
-        run = _own_run(con, req, model_sha256)
-        root = store.data_root_of(con, req.db)
+    for part in done:
+        meta = parts.read_part_meta(Path(part.path))
+        if not meta or (meta["run_id"], meta["model_sha256"]) != (req.run_id, model_sha256):
+            with store.writer(req.db, req.lock_timeout, req.parts_root) as con:
+                _own_run(con, req.db, req.run_id, model_sha256)  # replaced: say that first
+            raise DataError(
+                f"{part.path}: this part is missing or was written for another run or "
+                "model; rerun the same command to score its shard again"
+            )
+    return complete_run(req.db, req.run_id, done, model_sha256, n_reused=n_reused,
+                        data_root=req.parts_root, lock_timeout=req.lock_timeout)  # fmt: skip
+
+
+def complete_run(
+    db: Path,
+    run_id: str,
+    done: list[store.PartRecord],
+    model_sha256: str,
+    *,
+    n_reused: int = 0,
+    data_root: Path | None = None,
+    lock_timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Register each part in a short transaction, then consolidate the run's files into one
+    (:func:`lcm.predict.parts.consolidate`), summarise it, and complete the run: the write
+    protocol's steps 2 and 3 (:mod:`lcm.store`)."""
+    with store.writer(db, lock_timeout, data_root) as con:
+        run = _own_run(con, db, run_id, model_sha256)
+        root = store.data_root_of(con, db)
         for part in done:
-            meta = parts.read_part_meta(Path(part.path))
-            if not meta or (meta["run_id"], meta["model_sha256"]) != (req.run_id, model_sha256):
-                raise DataError(
-                    f"{part.path}: this part is missing or was written for another run or "
-                    "model; rerun the same command to score its shard again"
-                )
             store.register_part(con, part, root)
-        registered = con.execute(
-            "SELECT part FROM run_shards WHERE run_id = ? ORDER BY shard", [req.run_id]
-        ).fetchall()
-        thresholds = con.execute(
-            "SELECT threshold FROM labels WHERE run_id = ? ORDER BY label_id", [req.run_id]
-        ).fetchall()
-    if len(registered) != run["n_shards"]:
-        raise DataError(
-            f"{req.db}: run {req.run_id!r} has {len(registered)} of {run['n_shards']} shards "
-            "registered; rerun the same command to finish it"
-        )
-    # The summaries read the run's files with the catalog closed: readers and other writers
-    # wait only for the registrations above and the short transaction below.
-    import numpy as np
+        registered = [p for (p,) in con.execute(
+            "SELECT part FROM run_shards WHERE run_id = ? ORDER BY shard", [run_id]
+        ).fetchall()]  # fmt: skip
+        thresholds = [t for (t,) in con.execute(
+            "SELECT threshold FROM labels WHERE run_id = ? ORDER BY label_id", [run_id]
+        ).fetchall()]  # fmt: skip
+        if len(registered) != run["n_shards"]:
+            raise DataError(
+                f"{db}: run {run_id!r} has {len(registered)} of {run['n_shards']} "
+                "shards registered; rerun the same command to finish it"
+            )
+        ordinal = store.next_ordinal(con)  # reserved for the consolidated file
+    # With the catalog closed (readers and other writers wait only for the instants above and
+    # below): one file for the run, and its summaries from the same rows.
+    new_dir = store.run_dir(root, run_id, ordinal)
+    table = parts.consolidate([root / p for p in registered], new_dir / parts.RUN_FILE)
+    summaries = summarize_table(run_id, table, np.array(thresholds))
+    shard_dir = store.run_dir(root, run_id, run["run_ordinal"])
+    if (shard_dir / store.LABELS_FILE).is_file():
+        shutil.copy2(shard_dir / store.LABELS_FILE, new_dir / store.LABELS_FILE)
+    with store.writer(db, lock_timeout, data_root) as con:
+        _own_run(con, db, run_id, model_sha256)
+        finished = store.finish_run(con, run_id, summaries, n_reused,
+                                    moved=(ordinal, new_dir / parts.RUN_FILE, root))  # fmt: skip
+    shutil.rmtree(shard_dir, ignore_errors=True)  # the shard files, now consolidated
+    return finished
 
-    summaries = summarize(req.run_id, [root / p for (p,) in registered],
-                          np.array([t for (t,) in thresholds]))  # fmt: skip
-    with store.writer(req.db, req.lock_timeout, req.parts_root) as con:
-        _own_run(con, req, model_sha256)
-        return store.finish_run(con, req.run_id, summaries, n_reused)
 
-
-def _own_run(con: Any, req: PredictRequest, model_sha256: str) -> dict[str, Any]:
-    run = store.get_run(con, req.run_id)
+def _own_run(con: Any, db: Path, run_id: str, model_sha256: str) -> dict[str, Any]:
+    run = store.get_run(con, run_id)
     if run is None or run["model_sha256"] != model_sha256:
         raise ConfigError(
-            f"{req.db}: run {req.run_id!r} was removed or replaced by another process "
+            f"{db}: run {run_id!r} was removed or replaced by another process "
             "while this one scored it; nothing registered"
         )
     return run
