@@ -6,12 +6,11 @@ has external access disabled and its configuration locked, and the statement is 
 exactly one SELECT or EXPLAIN, or nothing runs.
 
 A query never holds the catalog while it runs: the connection copies the catalog's small
-tables (runs, labels, run_shards, skipped_images, label_summaries) into memory, lets go of the
-file (waiting, if need be, for the instant a writer holds it to register a shard) and builds
-the store's views over the data files in memory. A writer can register shards meanwhile; a
-query sees the runs and shards registered when it started. A data file the catalog registers
-but the disk lacks is one error line, never silently missing rows. A version-1 store (every
-row inside the DuckDB file) is read as it is.
+tables it needs into memory, lets go of the file (waiting, if need be, for the instant a
+writer holds it to register a shard) and builds the views it needs in memory, over exactly the
+files registered when it started (no directory listing; a writer can register more
+meanwhile). A registered file the disk lacks is one error line, never silently missing rows.
+A version-1 store (every row inside the DuckDB file) is read as it is.
 
 ``--parts`` queries a data directory without its catalog (each file complete, written
 atomically) through the same views.
@@ -20,7 +19,6 @@ atomically) through the same views.
 from __future__ import annotations
 
 import io
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -136,10 +134,9 @@ def _catalog_connection(
     finally:
         if src is not None:
             src.close()
-    if files:
-        _check_files(db, root, tables["run_shards"], tables["runs"])
-        if "run_shards" not in needs:
-            del tables["run_shards"]
+    registered = _registered_files(db, root, tables["run_shards"]) if files else []
+    if files and "run_shards" not in needs:
+        del tables["run_shards"]
     con = duckdb.connect(":memory:", config={"memory_limit": MEMORY_LIMIT})
     try:
         for name, table in tables.items():
@@ -150,7 +147,7 @@ def _catalog_connection(
         con.execute("SET allowed_directories = ?", [[f"{root.resolve()}/"]])
         con.execute("SET enable_external_access = false")
         if files:
-            con.execute(store.views_sql(root, drift="label_drift" in needs))
+            con.execute(store.views_sql(root, registered, drift="label_drift" in needs))
         elif "label_drift" in needs:
             con.execute(store.DRIFT_VIEW)
     except duckdb.Error as e:
@@ -161,26 +158,20 @@ def _catalog_connection(
     return con
 
 
-def _check_files(db: Path, root: Path, shards: pa.Table, runs: pa.Table) -> None:
-    """Every file the catalog registers is on disk (a missing one would silently drop its
-    rows from the views' glob): one listing of each run's directory."""
-    if not (root / store.SENTINEL).is_file() and not shards.num_rows:
-        raise QueryError(f"{root}: the store's data directory is missing or empty")
-    on_disk: set[str] = set()
-    for run_id, ordinal in zip(runs.column("run_id").to_pylist(),
-                               runs.column("run_ordinal").to_pylist(), strict=True):  # fmt: skip
-        folder = store.run_dir(root, run_id, ordinal)
-        prefix = str(folder.relative_to(root)) + "/"
-        try:
-            on_disk.update(prefix + e.name for e in os.scandir(folder))
-        except FileNotFoundError:
-            continue
-    registered = shards.column("part").to_pylist()
-    missing = [p for p in registered if p not in on_disk]
+def _registered_files(db: Path, root: Path, shards: pa.Table) -> list[str]:
+    """The distinct files the catalog registers (a complete run: one), each checked to be on
+    disk: a missing one is one error line, never rows silently left out."""
+    files = sorted(set(shards.column("part").to_pylist()))
+    missing = [f for f in files if not (root / f).is_file()]
     if missing:
         raise QueryError(f"{root / missing[0]}: registered in {db} but missing on disk "
                          f"({len(missing)} files); restore it, or remove its run with "
                          "`lcm store prune`")  # fmt: skip
+    if not files:  # no run yet: the empty sentinel keeps the views' schema
+        if not (root / store.SENTINEL).is_file():
+            raise QueryError(f"{root}: the store's data directory is missing or empty")
+        files = [store.SENTINEL]
+    return files
 
 
 def _parts_connection(parts: Path) -> duckdb.DuckDBPyConnection:

@@ -207,21 +207,28 @@ def run_dir(data_root: Path, run_id: str, ordinal: int) -> Path:
     return Path(data_root) / f"run_id={run_id}" / f"run={ordinal}"
 
 
-def files_sql(data_root: Path) -> str:
-    """The ``read_parquet`` of every data file under ``data_root`` (hive columns ``run_id``
-    and ``run``)."""
+def files_sql(data_root: Path, files: Sequence[str] | None = None) -> str:
+    """The ``read_parquet`` of the data files under ``data_root`` (hive columns ``run_id``
+    and ``run``): every file (a glob, for views kept in the catalog), or the ``files`` given
+    (relative paths; `lcm query` passes the registered ones and lists no directory)."""
     root = str(Path(data_root).resolve())
-    if set(root) & set("'*?[]{}\\"):
+    bad = set("'*?[]{}\\")
+    if set(root) & bad:
         raise DataError(f"{root}: quotes and wildcards in the store's path are not supported")
-    return (
-        f"read_parquet('{root}/run_id=*/run=*/part-*.parquet', hive_partitioning = true, "
-        "hive_types = {'run_id': VARCHAR, 'run': INTEGER})"
-    )
+    if files is None:
+        where = f"'{root}/run_id=*/run=*/part-*.parquet'"
+    else:
+        if any(set(f) & bad for f in files):
+            raise DataError(f"{root}: a registered file name holds a quote or a wildcard")
+        where = "[" + ", ".join(f"'{root}/{f}'" for f in files) + "]"
+    return (f"read_parquet({where}, hive_partitioning = true, "
+            "hive_types = {'run_id': VARCHAR, 'run': INTEGER})")  # fmt: skip
 
 
-def views_sql(data_root: Path, drift: bool = True) -> str:
+def views_sql(data_root: Path, files: Sequence[str] | None = None, drift: bool = True) -> str:
     """Every view of the store, over ``data_root``'s files (``drift``: label_drift too)."""
-    return _VIEWS.format(files=files_sql(data_root)) + VIEWS + (DRIFT_VIEW if drift else "")
+    return (_VIEWS.format(files=files_sql(data_root, files)) + VIEWS
+            + (DRIFT_VIEW if drift else ""))  # fmt: skip
 
 
 class StoreLockedError(LcmError):
