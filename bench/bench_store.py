@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -200,7 +201,8 @@ def main() -> None:
                 row = {"night": night, "rows": rows_total, "append_v1_s": t1, "append_v2_s": t2,
                        "bytes_per_row_v1_db": v1_bytes / rows_total,
                        "bytes_per_row_v1_db_and_parts": (v1_bytes + v1_parts_bytes) / rows_total,
-                       "bytes_per_row_v2": v2_bytes / rows_total}  # fmt: skip
+                       "bytes_per_row_v2": v2_bytes / rows_total,
+                       "load_average_1min": os.getloadavg()[0]}  # fmt: skip
                 report["nights"].append(row)
                 progress(json.dumps(row))
                 _save(args.out, report)

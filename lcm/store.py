@@ -19,10 +19,12 @@ Write protocol (what makes a run exact and resumable):
 
 1. a scoring task writes one shard's scores to ``run=<n>/part-<shard>.parquet`` under a
    temporary name and renames it (:mod:`lcm.predict`), so a file on disk is always whole;
-2. ONE writer *registers* each file (a ``run_shards`` row and its skipped images) in a short
-   transaction; registering a shard twice is a no-op;
-3. when every shard is registered, the run's per-label summaries are computed from its files
-   (before the catalog is opened) and inserted in the transaction that marks it ``complete``.
+2. ONE writer *registers* the files (a ``run_shards`` row and the skipped images of each) in
+   one short transaction; registering a shard twice is a no-op;
+3. when every shard is registered, the run's files are consolidated into one file under a new
+   ordinal and its per-label summaries computed from it (with the catalog closed); one
+   transaction then points the run at that file, inserts the summaries and marks it
+   ``complete``; the shard files are deleted after (:func:`lcm.predict.run.complete_run`).
 
 The views read ``run_id=*/run=*/part-*.parquet`` joined to ``runs`` on (run id, ordinal): a
 file of a run the catalog does not know (a replaced or pruned run whose directory is being
@@ -512,43 +514,51 @@ class PartRecord:
     seconds: float
 
 
-def register_part(con: duckdb.DuckDBPyConnection, part: PartRecord, data_root: Path) -> bool:
-    """Record the shard's file in the catalog, in one transaction; False if it was already
-    registered. The file must be whole and hold the rows the scoring task counted."""
-    path = Path(part.path)
-    try:
-        meta = pq.read_metadata(path)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise DataError(f"{path}: cannot read this data file ({e})") from e
-    if meta.num_rows != part.n_rows:
-        raise DataError(f"{path}: {meta.num_rows} rows, the scoring task wrote {part.n_rows}")
-    try:
-        relative = str(path.resolve().relative_to(Path(data_root).resolve()))
-    except ValueError:
-        raise DataError(f"{path}: lies outside the store's data root {data_root}") from None
+def register_parts(
+    con: duckdb.DuckDBPyConnection, parts: Sequence[PartRecord], data_root: Path
+) -> int:
+    """Record the shards' files in the catalog, in one transaction (a few milliseconds for a
+    night's 41 shards); a shard already registered is left as it is. Each file must be
+    whole and hold the rows its scoring task counted. Returns how many were new."""
+    rows = []
+    for part in parts:
+        path = Path(part.path)
+        try:
+            meta = pq.read_metadata(path)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"{path}: cannot read this data file ({e})") from e
+        if meta.num_rows != part.n_rows:
+            raise DataError(f"{path}: {meta.num_rows} rows, the scoring task wrote {part.n_rows}")
+        try:
+            relative = str(path.resolve().relative_to(Path(data_root).resolve()))
+        except ValueError:
+            raise DataError(f"{path}: lies outside the store's data root {data_root}") from None
+        rows.append((part, relative, path.stat().st_size))
     with transaction(con):
-        done = one(con, "SELECT count(*) FROM run_shards WHERE run_id = ? AND shard = ?",
-                   [part.run_id, part.shard])[0]  # fmt: skip
-        if done:
-            return False
-        if part.skipped:
-            _insert_skips(con, part.run_id, part.shard, part.skipped)
-        con.execute(
-            "INSERT INTO run_shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                part.run_id,
-                part.shard,
-                part.n_images,
-                len(part.skipped),
-                part.n_rows,
-                relative,
-                path.stat().st_size,
-                part.worker,
-                part.seconds,
-                _now(),
-            ],
-        )
-    return True
+        done = set(con.execute(
+            "SELECT run_id, shard FROM run_shards WHERE run_id IN (SELECT unnest(?))",
+            [sorted({p.run_id for p in parts})],
+        ).fetchall())  # fmt: skip
+        new = [(p, rel, size) for p, rel, size in rows if (p.run_id, p.shard) not in done]
+        new = list({(p.run_id, p.shard): (p, rel, size) for p, rel, size in new}.values())
+        for part, _, _ in new:
+            if part.skipped:
+                _insert_skips(con, part.run_id, part.shard, part.skipped)
+        if new:
+            now = _now()
+            table = pa.table({
+                "run_id": [p.run_id for p, _, _ in new], "shard": [p.shard for p, _, _ in new],
+                "n_images": pa.array([p.n_images for p, _, _ in new], pa.int32()),
+                "n_skipped": pa.array([len(p.skipped) for p, _, _ in new], pa.int32()),
+                "n_rows": pa.array([p.n_rows for p, _, _ in new], pa.int64()),
+                "part": [rel for _, rel, _ in new],
+                "bytes": pa.array([size for _, _, size in new], pa.int64()),
+                "worker": [p.worker for p, _, _ in new],
+                "seconds": pa.array([p.seconds for p, _, _ in new], pa.float64()),
+                "committed_at": pa.array([now] * len(new), pa.timestamp("us")),
+            })  # fmt: skip
+            con.from_arrow(table).insert_into("run_shards")
+    return len(new)
 
 
 def finish_run(

@@ -47,7 +47,7 @@ def add_run(
         part = store.PartRecord(run_id, f"shard-{s}", str(path), per_shard, (), table.num_rows,
                                 "w", 0.0)  # fmt: skip
         with store.writer(db, 10) as con:
-            store.register_part(con, part, root)
+            store.register_parts(con, [part], root)
     with store.writer(db, 10) as con:
         if finish:
             files = [root / p for (p,) in con.execute(

@@ -114,8 +114,8 @@ KILLER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return wrapped
 
-    if sys.argv[1] == "commit":  # right after the first shard's registration commits
-        lcm.store.register_part = die_after(lcm.store.register_part)
+    if sys.argv[1] == "commit":  # right after the shards' registration commits
+        lcm.store.register_parts = die_after(lcm.store.register_parts)
     else:  # right after the first part file is written, before anything is committed
         lcm.predict.parts.write_part = die_after(lcm.predict.parts.write_part)
     from cli import app
@@ -152,7 +152,8 @@ def test_sigkill_then_rerun_gives_every_row_once_bit_identical(trained, tmp_path
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     committed = fetch(db, "SELECT count(*) FROM run_shards")[0][0]
-    assert committed == (1 if stage == "commit" else 0)
+    assert committed == (N_SHARDS if stage == "commit" else 0)
+    assert fetch(db, "SELECT status FROM runs") == [("running",)]
 
     rerun = subprocess.run(lcm_cmd(*args, "--db", str(db)), env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr

@@ -47,7 +47,8 @@ def test_registering_a_part_twice_is_a_noop_and_replace_swaps_at_once(tmp_path):
     p1, s1, t1 = make_part(run_dir, "s1", ["k2"], 1)
     with store.writer(db, 0) as con:
         # s0 again, as after a crash between registration and finish
-        assert [store.register_part(con, p, root) for p in (p0, p1, p0)] == [True, True, False]
+        assert store.register_parts(con, [p0], root) == 1
+        assert store.register_parts(con, [p1, p0, p1], root) == 1
         files = [root / r[0] for r in con.execute("SELECT part FROM run_shards").fetchall()]
         sums = summarize("r", files, np.array([t for _, t in LABELS]))
         run = store.finish_run(con, "r", sums)
@@ -76,13 +77,13 @@ def test_register_refuses_a_file_that_is_not_what_the_task_wrote(tmp_path):
         root = store.data_root_of(con, db)
         part, *_ = make_part(store.run_dir(root, "r", 1), "s0", ["k0", "k1"], 0)
         with pytest.raises(DataError, match="6 rows, the scoring task wrote 7"):
-            store.register_part(con, dataclasses.replace(part, n_rows=7), root)
+            store.register_parts(con, [dataclasses.replace(part, n_rows=7)], root)
         outside, *_ = make_part(tmp_path / "elsewhere", "s0", ["k0", "k1"], 0)
         with pytest.raises(DataError, match="outside the store's data root"):
-            store.register_part(con, outside, root)
+            store.register_parts(con, [part, outside], root)
         Path(part.path).write_bytes(b"torn")
         with pytest.raises(DataError, match="cannot read this data file"):
-            store.register_part(con, part, root)
+            store.register_parts(con, [part], root)
         assert con.execute("SELECT count(*) FROM run_shards").fetchone() == (0,)
 
 

@@ -125,8 +125,7 @@ def complete_run(
     with store.writer(db, lock_timeout, data_root) as con:
         run = _own_run(con, db, run_id, model_sha256)
         root = store.data_root_of(con, db)
-        for part in done:
-            store.register_part(con, part, root)
+        store.register_parts(con, done, root)
         registered = [p for (p,) in con.execute(
             "SELECT part FROM run_shards WHERE run_id = ? ORDER BY shard", [run_id]
         ).fetchall()]  # fmt: skip
