@@ -446,8 +446,13 @@ def batch_predict(
     lock_timeout: Annotated[
         float, typer.Option(min=0, help="Seconds to wait for another process's lock.")
     ] = 60.0,
+    only_new: Annotated[
+        bool,
+        typer.Option(help="Images: score only those no earlier run of this model scored."),
+    ] = False,
 ) -> None:
-    """Score shards or image files into DuckDB tables (resumable; one row per image x label)."""
+    """Score shards or image files into the prediction store (resumable; one row per image x
+    label)."""
     from flows.predict import batch_predict
     from lcm.predict import PredictRequest, check_request, check_run_conflict
 
@@ -466,6 +471,7 @@ def batch_predict(
         parts=parts,
         replace=replace,
         lock_timeout=lock_timeout,
+        only_new=only_new,
     )
     meta, source = check_request(request)
     if check_run_conflict(request, meta, source) == "complete":
@@ -485,6 +491,8 @@ def batch_predict(
         return
     skipped = run["n_skipped"]
     note = f"; skipped {skipped} images (table skipped_images)" if skipped else ""
+    if run.get("n_reused"):
+        note += f"; {run['n_reused']} scores reused from an earlier run (--only-new)"
     out.print(
         f"run {run_id!r}: {run['n_images']} images x {len(meta.classes)} labels in "
         f"{_count(run['n_shards'], 'shard')} -> {db}{note}",

@@ -51,9 +51,9 @@ def score_shard(
 
 @task(cache_policy=NONE)
 def merge_parts(
-    request: lp.PredictRequest, parts: list[PartRecord], model_sha256: str
+    request: lp.PredictRequest, parts: list[PartRecord], model_sha256: str, n_reused: int = 0
 ) -> dict[str, Any]:
-    return lp.merge_parts(request, parts, model_sha256)
+    return lp.merge_parts(request, parts, model_sha256, n_reused)
 
 
 def task_runner(kind: Literal["thread", "dask"], dask_address: str | None = None) -> Any:
@@ -105,11 +105,13 @@ def batch_predict_flow(
     replace: bool = False,
     lock_timeout: float = 60.0,
     run_date: str | None = None,
+    only_new: bool = False,
     progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Score every image of ``shards`` or ``images`` into ``db`` under ``run_id`` (default,
     for scheduled runs: ``scheduled-<date>``) and ``run_date`` (ISO; default: the scheduled
-    date). Resumes an interrupted run."""
+    date). Resumes an interrupted run. ``only_new`` (image folders): score only the images
+    whose content no earlier run of this model and image size scored; copy the others."""
     logger = get_run_logger()
     request = lp.PredictRequest(
         checkpoint=Path(checkpoint),
@@ -125,6 +127,7 @@ def batch_predict_flow(
         replace=replace,
         lock_timeout=lock_timeout,
         run_date=date.fromisoformat(run_date) if run_date else scheduled_date(),
+        only_new=only_new,
     )
     plan = start_run(request, str(flow_run.id) if flow_run.id else None,
                      deployment.name or None)  # fmt: skip
@@ -148,7 +151,9 @@ def batch_predict_flow(
             progress(images_done, images_total)
     order = {u.name: i for i, u in enumerate(plan.pending)}
     parts_done.sort(key=lambda p: (order.get(p.shard, -1), p.shard))
-    run = merge_parts(request, parts_done, plan.model_sha256)
+    if plan.n_reused:
+        logger.info("reusing the scores of %d images an earlier run scored", plan.n_reused)
+    run = merge_parts(request, parts_done, plan.model_sha256, plan.n_reused)
     create_table_artifact(
         key="batch-predict-shards",
         table=[

@@ -253,6 +253,47 @@ def test_image_folder_skips_escapes_and_matches_lcm_predict(trained, tmp_path):
     assert f"{CLASSES[best]} {got[('as.png', best)]:.3f}" in res.stdout
 
 
+def _noise_jpegs(folder, seeds):
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        pixels = np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img-{seed:04d}.jpg", quality=90)
+
+
+@pytest.mark.slow
+def test_only_new_scores_only_new_images_and_equals_a_full_run(trained, tmp_path, monkeypatch):
+    import lcm.predict.score as score_mod
+
+    folder, db = tmp_path / "folder", tmp_path / "p.duckdb"
+    _noise_jpegs(folder, range(100))
+    first = run_flow(trained.model, db, "night-1", images=str(folder))
+    assert (first["n_images"], first["n_reused"]) == (100, 0)
+    _noise_jpegs(folder, range(100, 130))  # the folder grew by 30 images
+    (folder / "img-0003.jpg").rename(folder / "renamed-0003.jpg")  # the same bytes, a new key
+    scored: list[int] = []
+    real = score_mod._loader
+
+    def counting(unit, *args):
+        scored.append(len(unit.files))
+        return real(unit, *args)
+
+    monkeypatch.setattr(score_mod, "_loader", counting)
+    night = run_flow(trained.model, db, "night-2", images=str(folder), only_new=True)
+    assert sum(scored) == 30 and (night["n_images"], night["n_reused"]) == (130, 100)
+    monkeypatch.setattr(score_mod, "_loader", real)
+    full = run_flow(trained.model, db, "full", images=str(folder))
+    incremental, everything = stored(db, "night-2"), stored(db, "full")
+    assert set(incremental) == set(everything) and len(everything) == 130 * C
+    assert max(abs(incremental[k] - everything[k]) for k in everything) <= 1e-6
+    assert ("renamed-0003.jpg", 0) in incremental  # reused under tonight's key
+    assert run_flow(trained.model, db, "night-2", images=str(folder), only_new=True)[
+        "already_complete"]  # fmt: skip
+    with pytest.raises(ConfigError, match="--only-new needs --images"):
+        check_request(PredictRequest(checkpoint=trained.model, db=db, run_id="x",
+                                     shards=str(trained.shards), only_new=True))  # fmt: skip
+    assert full["n_reused"] == 0
+
+
 @pytest.mark.slow
 def test_dask_runner_gives_the_same_tables_from_two_worker_processes(trained, tmp_path):
     threads = run_flow(trained.model, tmp_path / "t.duckdb", "r", shards=str(trained.shards))

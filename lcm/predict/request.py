@@ -34,6 +34,7 @@ class PredictRequest:
     replace: bool = False
     lock_timeout: float = 60.0
     run_date: date | None = None  # the night a run stands for (None: today, UTC)
+    only_new: bool = False  # images: score only those no earlier run scored (reuse.py)
 
     @property
     def parts_root(self) -> Path:
@@ -50,6 +51,7 @@ class PredictRequest:
             "num_workers": self.num_workers,
             "device": self.device,
             "weights": self.weights,
+            "only_new": self.only_new,
         }
 
 
@@ -62,7 +64,12 @@ class Unit:
     digest: str
     shard: tuple[str, ShardInfo] | None = None  # (tar path, info of this shard alone)
     root: str | None = None  # images: the source root ...
-    files: tuple[str, ...] = ()  # ... and the files, relative to it
+    files: tuple[str, ...] = ()  # ... and the files to score, relative to it
+    hashes: tuple[bytes, ...] = ()  # images: each file's content sha256, in file order
+    # --only-new: images an earlier run scored: (file tonight, its key there, sha256), and
+    # that run's file to copy their rows from (lcm.predict.reuse)
+    reuse: tuple[tuple[str, str, bytes], ...] = ()
+    reuse_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,11 @@ class Source:
     @property
     def total(self) -> int:
         return sum(u.count for u in self.units)
+
+    @property
+    def to_score(self) -> int:
+        """Images to score (fewer than ``total`` when earlier runs' scores are reused)."""
+        return sum(len(u.files) if u.root is not None else u.count for u in self.units)
 
 
 def resolve_source(req: PredictRequest) -> Source:
@@ -119,6 +131,8 @@ def check_request(req: PredictRequest) -> tuple[ckpt.ModelMeta, Source]:
         raise ConfigError("--batch-size must be >= 1, --num-workers and --lock-timeout >= 0")
     if req.weights not in ("raw", "ema"):
         raise ConfigError(f"--weights {req.weights!r}: expected raw or ema")
+    if req.only_new and req.images is None:
+        raise ConfigError("--only-new needs --images: shards carry no per-image content hash")
     select_device(req.device)
     meta = ckpt.load_meta(req.checkpoint)
     weights = ckpt.weights_path(req.checkpoint, req.weights)

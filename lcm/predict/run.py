@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lcm import checkpoint as ckpt
 from lcm import store
 from lcm.errors import ConfigError, DataError
-from lcm.predict import parts
+from lcm.predict import parts, reuse
 from lcm.predict.request import (
     PredictRequest,
     Unit,
@@ -35,8 +37,9 @@ class RunPlan:
     pending: tuple[Unit, ...]  # units to score
     reused: tuple[store.PartRecord, ...]  # complete parts from an interrupted run
     n_units: int
-    n_images: int
+    n_images: int  # images to score
     run_dir: str = ""  # where this run's data files go: <data root>/run_id=<id>/run=<ordinal>
+    n_reused: int = 0  # images whose rows are copied from an earlier run (--only-new)
 
 
 def start_run(
@@ -44,6 +47,7 @@ def start_run(
 ) -> RunPlan:
     """Create, resume or refuse the run; list its pending units and reusable parts."""
     meta, source = check_request(req)
+    source = reuse.hash_units(source)  # image folders: content hashes, for --only-new later
     digest = ckpt.model_digest(req.checkpoint, req.weights)
     record = run_record(req, meta, source, digest, flow_run_id, deployment)
     thresholds, th_source = ckpt.thresholds_or_default(req.checkpoint, meta.classes)
@@ -65,6 +69,10 @@ def start_run(
             ordinal, replaced = store.create_run(con, record, labels, th_source,
                                                  source.listing_skips)  # fmt: skip
             committed = set()
+        n_reused = 0
+        if req.only_new:
+            previous = reuse.previous_run(con, digest, meta.image_size, req.run_id)
+            source, n_reused = reuse.plan_reuse(source, previous, root)
     if replaced is not None:  # the catalog forgot it in the swap: its files go now
         shutil.rmtree(store.run_dir(root, req.run_id, replaced), ignore_errors=True)
     run_dir = store.run_dir(root, req.run_id, ordinal)
@@ -83,8 +91,9 @@ def start_run(
         tuple(pending),
         tuple(reused),
         len(source.units),
-        sum(u.count for u in pending),
+        sum(len(u.files) if u.root is not None else u.count for u in pending),
         str(run_dir),
+        n_reused,
     )
 
 
@@ -146,6 +155,10 @@ def complete_run(
     shard_dir = store.run_dir(root, run_id, run["run_ordinal"])
     if (shard_dir / store.LABELS_FILE).is_file():
         shutil.copy2(shard_dir / store.LABELS_FILE, new_dir / store.LABELS_FILE)
+    images = sorted(shard_dir.glob("images-*.parquet"))  # image folders: keys and hashes
+    if images:
+        reuse.write_images_table(new_dir / reuse.IMAGES_FILE,
+                                 pa.concat_tables([pq.read_table(f) for f in images]))  # fmt: skip
     with store.writer(db, lock_timeout, data_root) as con:
         _own_run(con, db, run_id, model_sha256)
         finished = store.finish_run(con, run_id, summaries, n_reused,

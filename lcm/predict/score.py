@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from lcm import checkpoint as ckpt
 from lcm import store
 from lcm.errors import CheckpointError, DataError
-from lcm.predict import parts
+from lcm.predict import parts, reuse
 from lcm.predict.request import PredictRequest, Unit
 
 
@@ -64,20 +65,35 @@ def score_unit(
     scores: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
-    loader = _loader(unit, loaded.meta, req.batch_size, workers)
-    for batch in score_batches(loaded.model, loader, device, amp_dtype("auto", device)):
-        skipped.extend(batch.skipped)
-        if batch.keys:
-            keys.extend(batch.keys)
-            scores.append(batch.scores)
-            targets.append(batch.targets)
+    if unit.shard is not None or unit.files:  # an image unit may be all reused
+        loader = _loader(unit, loaded.meta, req.batch_size, workers)
+        for batch in score_batches(loaded.model, loader, device, amp_dtype("auto", device)):
+            skipped.extend(batch.skipped)
+            if batch.keys:
+                keys.extend(batch.keys)
+                scores.append(batch.scores)
+                targets.append(batch.targets)
     n_classes = len(loaded.meta.classes)
     table = parts.part_table(req.run_id, unit.name, keys, scores, targets, n_classes)
+    n_images = len(keys)
+    if unit.root is not None:  # image folders: each image's content hash beside its scores
+        hashes = dict(zip(unit.files, unit.hashes, strict=True))
+        copied = reuse.copied_rows(unit, req.run_id)
+        if copied is not None:  # --only-new: rows an earlier run scored, in file order
+            table = pa.concat_tables([table, copied]).sort_by(
+                [("image_key", "ascending"), ("label_id", "ascending")]
+            )
+            hashes |= {f: h for f, _, h in unit.reuse}
+            n_images += len(unit.reuse)
+        have = set(keys) | {f for f, _, _ in unit.reuse}  # scored (not skipped) or copied
+        done = [k for k in sorted(hashes) if k in have]
+        reuse.write_images(reuse.images_path(Path(run_dir), unit), done,
+                           [hashes[k] for k in done])  # fmt: skip
     record = store.PartRecord(
         run_id=req.run_id,
         shard=unit.name,
         path=str(parts.part_path(Path(run_dir), unit)),
-        n_images=len(keys),
+        n_images=n_images,
         skipped=tuple(skipped),
         n_rows=table.num_rows,
         worker=f"{socket.gethostname()}:{os.getpid()}",
