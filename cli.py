@@ -670,10 +670,17 @@ def predict(
 @app.command("serve")
 def serve(
     checkpoint: Annotated[Path, typer.Option(help="Model directory to predict with.")],
+    db: Annotated[Path, typer.Option(help="Prediction store the scheduled runs write.")],
     shards: Annotated[
-        str, typer.Option(help="Shards scored each night (directory, glob, brace list, URLs).")
-    ],
-    db: Annotated[Path, typer.Option(help="DuckDB file the scheduled runs write.")],
+        str | None,
+        typer.Option(help="Shards scored each night (directory, glob, brace list, URLs)."),
+    ] = None,
+    images: Annotated[
+        str | None, typer.Option(help="Or an image folder scored each night.")
+    ] = None,
+    only_new: Annotated[
+        bool, typer.Option(help="With --images: score only images no earlier run scored.")
+    ] = False,
     cron: Annotated[str, typer.Option(help="When batch prediction runs.")] = "0 3 * * *",
     timezone: Annotated[str, typer.Option(help="Time zone of the cron schedule.")] = "UTC",
     params_file: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
@@ -692,6 +699,8 @@ def serve(
         on_ready=lambda names: err.print(
             f"serving {', '.join(names)} (Ctrl-C stops and pauses them)", highlight=False
         ),
+        images=images,
+        only_new=only_new,
     )
 
 

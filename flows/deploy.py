@@ -48,7 +48,14 @@ def api_url() -> str:
 
 
 def build_deployments(
-    checkpoint: Path, shards: str, db: Path, cron: str, timezone: str, params_file: Path
+    checkpoint: Path,
+    shards: str | None,
+    db: Path,
+    cron: str,
+    timezone: str,
+    params_file: Path,
+    images: str | None = None,
+    only_new: bool = False,
 ) -> list[Any]:
     from flows.evaluate import evaluate_flow
     from flows.predict import batch_predict_flow
@@ -59,20 +66,22 @@ def build_deployments(
 
     schedule = check_schedule(cron, timezone)
     # The served inputs must be right now, not at 3 a.m.; the run id is a placeholder.
-    check_request(PredictRequest(checkpoint=checkpoint, db=db, run_id="check", shards=shards))
+    check_request(PredictRequest(checkpoint=checkpoint, db=db, run_id="check", shards=shards,
+                                 images=images, only_new=only_new))  # fmt: skip
+    source = {"shards": shards} if shards else {"images": images, "only_new": only_new}
     params = load_params(params_file)
     train_request = TrainRequest(
         params=params,
         train_shards=f"data/shards/{params.data.name}/train",
         out_dir=checkpoint,
-        val_shards=shards,
+        val_shards=shards or f"data/shards/{params.data.name}/val",
     )
     return [
         batch_predict_flow.to_deployment(
             name=PREDICT,
             schedule=schedule,
             concurrency_limit=1,
-            parameters={"checkpoint": str(checkpoint), "shards": shards, "db": str(db)},
+            parameters={"checkpoint": str(checkpoint), "db": str(db), **source},
             description="Nightly batch prediction; run id scheduled-<date>.",
         ),
         train_flow.to_deployment(
@@ -83,7 +92,10 @@ def build_deployments(
         ),
         evaluate_flow.to_deployment(
             name=EVALUATE,
-            parameters={"checkpoint": str(checkpoint), "shards": shards},
+            parameters={
+                "checkpoint": str(checkpoint),
+                "shards": shards or train_request.val_shards,
+            },  # fmt: skip
             description="Evaluate on demand: pass out_dir.",
         ),
     ]
@@ -91,18 +103,21 @@ def build_deployments(
 
 def serve_deployments(
     checkpoint: Path,
-    shards: str,
+    shards: str | None,
     db: Path,
     cron: str,
     timezone: str,
     params_file: Path,
     on_ready: Callable[[list[str]], None] | None = None,
+    images: str | None = None,
+    only_new: bool = False,
 ) -> None:
     """Check everything, register the deployments and serve them until interrupted."""
     from prefect import serve
 
     api_url()
-    deployments = build_deployments(checkpoint, shards, db, cron, timezone, params_file)
+    deployments = build_deployments(checkpoint, shards, db, cron, timezone, params_file,
+                                    images, only_new)  # fmt: skip
     if on_ready:
         on_ready([d.name for d in deployments])
     serve(*deployments, print_starting_message=False)
