@@ -1,13 +1,14 @@
-"""Batch prediction: end-to-end throughput, DuckDB merge rate, and memory against size.
+"""Batch prediction: end-to-end throughput, the catalog's completion rate, and memory.
 
 Three measurements, each a ratio or rate taken side by side in this one run:
 
-1. ``e2e``: images/s of the whole batch-prediction path (decode, model, Parquet parts, merge
-   into DuckDB; the library steps the flow runs, without Prefect's start-up) against the
+1. ``e2e``: images/s of the whole batch-prediction path (decode, model, Parquet files, their
+   registration and consolidation; the library steps the flow runs, without Prefect's start-up) against the
    model's forward pass alone on the same decoded batches already in memory. Target >= 0.9.
    Contenders alternate for ``--repeats`` rounds; each figure is the median round.
-2. ``merge``: rows/s merging ``--parts`` parts of ``--part-rows`` rows each into DuckDB,
-   one transaction per part. Target >= 1M rows/s over >= 10M rows in >= 10 parts.
+2. ``merge``: rows/s completing a run of ``--parts`` parts of ``--part-rows`` rows each
+   (registration, consolidation into one file, summaries with AP; :func:`complete_run`).
+   Target >= 1M rows/s over >= 10M rows in >= 10 parts.
 3. ``memory``: peak RSS of a batch-prediction process over N and 10N images. Target: the
    ratio 10N / N <= 1.2 (memory does not grow with the number of images).
 
@@ -78,7 +79,7 @@ def run_library_path(req: PredictRequest) -> float:
     """The flow's steps in order, in this process: seconds for the whole run."""
     t0 = time.perf_counter()
     plan = start_run(req)
-    parts = [score_unit(req, unit, plan.model_sha256) for unit in plan.pending]
+    parts = [score_unit(req, unit, plan.model_sha256, plan.run_dir) for unit in plan.pending]
     merge_parts(req, parts, plan.model_sha256)
     return time.perf_counter() - t0
 
@@ -132,48 +133,36 @@ def bench_e2e(work: Path, args: argparse.Namespace) -> dict:
 
 
 def bench_merge(work: Path, args: argparse.Namespace) -> dict:
+    """The catalog's side of a run: register ``--parts`` files, consolidate them into one,
+    summarise, complete (:func:`lcm.predict.run.complete_run`)."""
+    from lcm.predict.parts import write_part
+    from lcm.predict.run import complete_run
+
     n_classes = 80
     per_part = args.part_rows // n_classes
     rng = np.random.default_rng(0)
+    db = work / "merge.duckdb"
+    run = store.RunRecord("bench", "m", "sha256:x", "raw", "shards", "s", "sha256:y", args.parts,
+                          64, {}, "bench", None)  # fmt: skip
+    labels = [(f"c{i}", 0.5) for i in range(n_classes)]
+    with store.writer(db, 0) as con:
+        ordinal, _ = store.create_run(con, run, labels, "default 0.5")
+        root = store.data_root_of(con, db)
     parts = []
     for p in range(args.parts):
         keys = [f"img{p:03d}-{i:07d}" for i in range(per_part)]
         scores = [rng.random((per_part, n_classes), dtype=np.float32)]
         targets = [rng.integers(-1, 2, (per_part, n_classes)).astype(np.float32)]
         table = part_table("bench", f"shard-{p:06d}", keys, scores, targets, n_classes)
-        path = work / "merge" / f"part-{p:06d}.parquet"
+        path = store.run_dir(root, "bench", ordinal) / f"part-shard-{p:06d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, path, compression="zstd")
-        parts.append(
-            store.PartRecord(
-                "bench", f"shard-{p:06d}", str(path), per_part, (), table.num_rows, "bench", 0.0
-            )
-        )
-    db = work / "merge.duckdb"
-    run = store.RunRecord(
-        "bench",
-        "m",
-        "sha256:x",
-        "raw",
-        "shards",
-        "s",
-        "sha256:y",
-        args.parts,
-        64,
-        {},
-        "bench",
-        None,
-    )
-    labels = [(f"c{i}", 0.5) for i in range(n_classes)]
-    with store.writer(db, 0) as con:
-        store.create_run(con, run, labels, "default 0.5")
-        t0 = time.perf_counter()
-        for part in parts:
-            store.merge_part(con, part)
-        seconds = time.perf_counter() - t0
-        rows = con.execute("SELECT count(*) FROM predictions").fetchone()[0]
+        write_part(path, table)
+        parts.append(store.PartRecord("bench", f"shard-{p:06d}", str(path), per_part, (),
+                                      table.num_rows, "bench", 0.0))  # fmt: skip
+    t0 = time.perf_counter()
+    done = complete_run(db, "bench", parts, "sha256:x")
+    seconds = time.perf_counter() - t0
+    rows = done["n_images"] * n_classes
     return {"rows": rows, "parts": args.parts, "seconds": seconds, "rows_s": rows / seconds}
 
 
@@ -196,7 +185,7 @@ def sample():
 watcher = threading.Thread(target=sample)
 watcher.start()
 plan = start_run(req)
-merge_parts(req, [score_unit(req, u, plan.model_sha256) for u in plan.pending],
+merge_parts(req, [score_unit(req, u, plan.model_sha256, plan.run_dir) for u in plan.pending],
             plan.model_sha256)
 done.set()
 watcher.join()
