@@ -3,7 +3,8 @@
 Three measurements, each a ratio or rate taken side by side in this one run:
 
 1. ``e2e``: images/s of the whole batch-prediction path (decode, model, Parquet files, their
-   registration and consolidation; the library steps the flow runs, without Prefect's start-up) against the
+   registration and consolidation; the library steps the flow runs, without Prefect's
+   start-up) against the
    model's forward pass alone on the same decoded batches already in memory. Target >= 0.9.
    Contenders alternate for ``--repeats`` rounds; each figure is the median round.
 2. ``merge``: rows/s completing a run of ``--parts`` parts of ``--part-rows`` rows each

@@ -91,6 +91,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "lcm_v2": V2,
     "lcm_v2_sum": {**V2, "readout": "sum"},  # the readout's share of V2
     "lcm_v2_lab": {**V2, "label_embed": True},  # V2 with a label-identity embedding
+    # V5 (added after the first screening seed): V1's projected attention over the feature
+    # map + position code instead of the prototypes' tokens; FFN x0.75 for the size band
+    "lcm_v5s": {**V1, "context_read": "attend_map", "ffn": 192},
     "q2l": {"arch": "q2l"},
 }
 TIERS = ("context", "interaction")

@@ -89,9 +89,10 @@ class ModelConfig:
     mlp_hidden: int = 512  # gap_mlp: width of its two hidden layers
     # [ours] LCM's latent-context read and its hygiene (README "The model"; lcm.models.context).
     # How a class reads its context: dot (parameter-free, the first reconstruction), attend
-    # (label queries, projected multi-head attention over the context tokens) or direct
-    # (label queries split into heads over the feature map + a position code).
-    context_read: Literal["dot", "attend", "direct"] = "dot"
+    # (label queries, projected multi-head attention over the context tokens), direct
+    # (label queries split into heads over the feature map + a position code) or attend_map
+    # (label queries, projected multi-head attention over the feature map + a position code).
+    context_read: Literal["dot", "attend", "direct", "attend_map"] = "dot"
     readout: Literal["sum", "context"] = "sum"  # logits from both token halves or the context's
     token_norm: bool = False  # LayerNorm on the class-aware and context-aware tokens
     embed_init: float = 0.02  # init std of the type / label embeddings and label queries

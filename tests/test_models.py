@@ -93,6 +93,7 @@ def assert_trains(
         {"arch": "lcm", "context_read": "direct", "readout": "context", **HYGIENE},
         {"arch": "lcm", "context_read": "direct", "label_embed": True, "token_norm": True},
         {"arch": "lcm", "context_read": "direct", "fusion": "sum"},
+        {"arch": "lcm", "context_read": "attend_map", "readout": "context", **HYGIENE},
         {"arch": "gap"},
         {"arch": "gap_mlp", "mlp_hidden": 16},
         {"arch": "q2l", "reinit_layers": True},
@@ -105,7 +106,7 @@ def test_arch_registry_forward_backward(overrides: dict) -> None:
     # the control without context tokens keeps the context machinery, unused
     unused = {"prototypes", "type_embed"} if overrides.get("context_tokens") is False else set()
     assert_trains(model, unused)
-    if overrides.get("context_read") == "direct":  # reads positions: no prototypes to learn
+    if overrides.get("context_read") in ("direct", "attend_map"):  # no prototypes to learn
         assert not any("prototypes" in name for name, _ in model.named_parameters())
     assert set(MODELS) == {"lcm", "gap", "gap_mlp", "q2l"}
 
@@ -244,7 +245,7 @@ def test_forward_features() -> None:
     torch.testing.assert_close(feats["logits"], logits)
 
 
-@pytest.mark.parametrize("read", ["attend", "direct"])
+@pytest.mark.parametrize("read", ["attend", "direct", "attend_map"])
 def test_forward_features_of_the_label_query_reads(read: str) -> None:
     torch.manual_seed(0)
     model = build_model(tiny(context_read=read, readout="context", **HYGIENE), C).eval()

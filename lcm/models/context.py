@@ -14,6 +14,9 @@ kinds; how a class reaches its context is our reconstruction, chosen by ``model.
 - ``direct``: the label queries, split into H heads, read the projected feature map plus a
   fixed 2-D position code directly (``project=False``): no projections and no prototypes;
   the position code lets a query look *where* a context sits, not only for what it looks like.
+- ``attend_map``: the label queries read the feature map plus the position code through
+  projected multi-head attention (``project=True``; keys and values both the normalised
+  features plus the code, as Query2Label's memory), no prototypes.
 
 ``model.prototype_score`` sets how the prototypes score positions: ``dot`` (x . p / sqrt(D),
 the first reconstruction; on features whose norm grows 6 -> 34 during training the

@@ -19,7 +19,8 @@ What comes from the paper and what is our reconstruction:
   - [ours] the redesign switches (README "The model"; :mod:`lcm.models.context` for the reads):
     ``model.context_read`` (``dot``: the parameter-free read above; ``attend``: learned label
     queries read the context tokens with projected multi-head attention; ``direct``: the label
-    queries read the feature map plus a position code, no projections, no prototypes);
+    queries read the feature map plus a position code, no projections, no prototypes;
+    ``attend_map``: the same over the feature map, with projected multi-head attention);
     ``model.readout`` (``sum``: the two output halves summed; ``context``: logits from the
     context half only, so a class's own appearance reaches its logit only through attention);
     ``model.token_norm`` (LayerNorm on both token kinds, which puts them at the scale of the
@@ -46,6 +47,7 @@ from lcm.models.registry import ModelOutput, register_model
 # padding index, so its vector is zero and stays zero, which makes an all-unknown pass
 # identical to the main pass.
 UNKNOWN, NEGATIVE, POSITIVE = 0, 1, 2
+ON_MAP = ("direct", "attend_map")  # reads over the feature map's positions, no prototypes
 
 
 class PerClassLinear(nn.Module):
@@ -87,7 +89,8 @@ class LCM(nn.Module):
             raise ConfigError(f"model.prototypes must be positive or null, got {cfg.prototypes}")
         if cfg.readout == "context" and (cfg.fusion != "cat" or not cfg.context_tokens):
             raise ConfigError("model.readout: context needs model.fusion: cat and context tokens")
-        if cfg.context_read == "direct" and cfg.dim % 4:
+        on_map = cfg.context_read in ON_MAP
+        if on_map and cfg.dim % 4:
             raise ConfigError(f"model.dim ({cfg.dim}) must be divisible by 4 for the direct "
                               "read's position code")  # fmt: skip
         num_prototypes = cfg.prototypes or num_classes
@@ -103,7 +106,7 @@ class LCM(nn.Module):
         channels = self.backbone.out_channels
         self.proj = nn.Conv2d(channels, dim, kernel_size=1)
         self.class_conv = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
-        if cfg.context_read != "direct":  # the direct read looks at positions, not prototypes
+        if not on_map:  # the reads over the feature map look at positions, not prototypes
             # Unit-variance prototypes (nn.Embedding's init) so that they assign positions
             # differently from the first step; near-identical prototypes pool near-identical
             # context tokens and receive near-identical gradients.
@@ -116,7 +119,7 @@ class LCM(nn.Module):
             )
         if cfg.context_read != "dot":
             self.read = LabelQueryRead(num_classes, dim, cfg.heads,
-                                       project=cfg.context_read == "attend",
+                                       project=cfg.context_read in ("attend", "attend_map"),
                                        init_std=cfg.embed_init)  # fmt: skip
         # LayerNorm on the tokens (and on what the label queries read): without it the
         # features' norm grows during training (6 -> 34 measured) and dwarfs the embeddings.
@@ -226,10 +229,14 @@ class LCM(nn.Module):
         attn_cls = self.class_conv(fmap).flatten(2).softmax(dim=-1)  # (B, C, HW)
         f_cls = attn_cls @ x  # (B, C, D)
         feats: dict[str, Tensor] = {"feature_map": fmap, "class_attention": attn_cls}
-        if self.context_read == "direct":
+        if self.context_read in ON_MAP:
             h, w = fmap.shape[-2:]
             pos = sine_position_code(h, w, self.dim, x.device, x.dtype)  # (HW, D)
-            f_ctx, context_map = self.read(self.norm_read(x) + pos, x)  # (B, C, D), (B, C, HW)
+            keys = self.norm_read(x) + pos  # (B, HW, D)
+            # direct: the values are the features themselves; attend_map: the projected
+            # keys, position included, as Query2Label's memory
+            values = x if self.context_read == "direct" else keys
+            f_ctx, context_map = self.read(keys, values)  # (B, C, D), (B, C, HW)
         else:
             context, assign = pool_context(x, self.prototypes, self.log_temperature)
             if self.context_read == "dot":
