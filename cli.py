@@ -704,6 +704,22 @@ def serve(
     )
 
 
+@app.command("alerts")
+def alerts(
+    url: Annotated[str, typer.Option(help="Incoming-webhook URL of your channel (or any URL).")],
+    kind: Annotated[str, typer.Option(help="webhook | slack | teams.")] = "webhook",
+) -> None:
+    """Notify a channel when an lcm-* flow run ends Failed or Crashed: saves the notification
+    block and creates the automations of prefect-automations.yaml on the server in
+    PREFECT_API_URL (running it again replaces them)."""
+    from flows.alerts import install_alerts
+
+    if kind not in ("webhook", "slack", "teams"):
+        raise typer.BadParameter("expected webhook, slack or teams", param_hint="--kind")
+    names = install_alerts(url, kind)  # type: ignore[arg-type]  # checked above
+    out.print(f"automations {', '.join(names)} notify {kind} {url}", highlight=False)
+
+
 # ---------------------------------------------------------------------------- studies
 def _numbers(text: str | None, option: str) -> tuple[float, ...] | None:
     from lcm.errors import ConfigError

@@ -62,20 +62,17 @@ def build_deployments(
     from flows.train import train_flow
     from lcm.config import load_params
     from lcm.predict import PredictRequest, check_request
-    from lcm.training import TrainRequest
 
     schedule = check_schedule(cron, timezone)
     # The served inputs must be right now, not at 3 a.m.; the run id is a placeholder.
     check_request(PredictRequest(checkpoint=checkpoint, db=db, run_id="check", shards=shards,
                                  images=images, only_new=only_new))  # fmt: skip
     source = {"shards": shards} if shards else {"images": images, "only_new": only_new}
-    params = load_params(params_file)
-    train_request = TrainRequest(
-        params=params,
-        train_shards=f"data/shards/{params.data.name}/train",
-        out_dir=checkpoint,
-        val_shards=shards or f"data/shards/{params.data.name}/val",
-    )
+    params = load_params(params_file)  # checked now; each training run reads it again
+    val_shards = shards or f"data/shards/{params.data.name}/val"
+    train_parameters = {"params_file": str(params_file),
+                        "train_shards": f"data/shards/{params.data.name}/train",
+                        "out_dir": str(checkpoint), "val_shards": val_shards}  # fmt: skip
     return [
         batch_predict_flow.to_deployment(
             name=PREDICT,
@@ -86,16 +83,13 @@ def build_deployments(
         ),
         train_flow.to_deployment(
             name=TRAIN,
-            parameters={"request": train_request.to_json()},
-            description="Train on demand: a TrainRequest; by default the params file's "
+            parameters=train_parameters,
+            description="Train on demand: the params file (read when the run starts) on the "
             "train shards into the served checkpoint, validated on the served shards.",
         ),
         evaluate_flow.to_deployment(
             name=EVALUATE,
-            parameters={
-                "checkpoint": str(checkpoint),
-                "shards": shards or train_request.val_shards,
-            },  # fmt: skip
+            parameters={"checkpoint": str(checkpoint), "shards": val_shards},
             description="Evaluate on demand: pass out_dir.",
         ),
     ]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 from prefect.runtime import deployment, flow_run
@@ -154,6 +154,8 @@ def batch_predict_flow(
     if plan.n_reused:
         logger.info("reusing the scores of %d images an earlier run scored", plan.n_reused)
     run = merge_parts(request, parts_done, plan.model_sha256, plan.n_reused)
+    report = lp.run_report(request.db, run, request.lock_timeout)
+    create_markdown_artifact(key="batch-predict-report", markdown=report)
     create_table_artifact(
         key="batch-predict-shards",
         table=[

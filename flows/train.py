@@ -31,9 +31,23 @@ def train_model(request: TrainRequest) -> list[dict[str, float]]:
 
 
 @flow(name="lcm-train", log_prints=False, validate_parameters=False)
-def train_flow(request: TrainRequest | dict[str, Any]) -> list[dict[str, float]]:
-    """``request`` as built by the CLI, or its JSON form (a deployment's parameters)."""
-    if isinstance(request, dict):
+def train_flow(
+    request: TrainRequest | dict[str, Any] | None = None,
+    params_file: str = "params.yaml",
+    train_shards: str | None = None,
+    out_dir: str | None = None,
+    val_shards: str | None = None,
+    overrides: list[str] | None = None,
+    masks: str | None = None,
+) -> list[dict[str, float]]:
+    """``request`` as built by the CLI, or its JSON form; or, for a deployment, the params
+    file (read when the run starts, so params.yaml stays the one source), the shards and the
+    model directory, as ``lcm train`` takes them."""
+    if request is None:
+        request = TrainRequest.from_files(params_file, train_shards, out_dir, val_shards,
+                                          overrides, masks)  # fmt: skip
+        check_request(request)
+    elif isinstance(request, dict):
         request = TrainRequest.from_json(request, "flow parameter request")
         check_request(request)
     history = train_model(request)

@@ -52,6 +52,26 @@ class TrainRequest:
         return {k: str(v) if isinstance(v, Path) else v for k, v in doc.items()}
 
     @classmethod
+    def from_files(
+        cls,
+        params_file: str | Path,
+        train_shards: str | None,
+        out_dir: str | Path | None,
+        val_shards: str | None = None,
+        overrides: list[str] | None = None,
+        masks: str | Path | None = None,
+    ) -> TrainRequest:
+        """A request as ``lcm train`` builds it from its options (a deployment's form)."""
+        from lcm.config import load_params_with
+
+        if not train_shards or not out_dir:
+            raise ConfigError("a training run needs train_shards and out_dir")
+        params = load_params_with(Path(params_file), overrides)
+        return cls(params=params, train_shards=train_shards, out_dir=Path(out_dir),
+                   val_shards=val_shards,
+                   mask=mask_for(params, None, Path(masks) if masks else None))  # fmt: skip
+
+    @classmethod
     def from_json(cls, doc: dict[str, Any], where: str = "request") -> TrainRequest:
         try:
             return cls(

@@ -26,7 +26,7 @@ from lcm.predict.request import (
     check_run_conflict,
     resolve_source,
 )
-from lcm.predict.run import RunPlan, merge_parts, start_run
+from lcm.predict.run import RunPlan, merge_parts, run_report, start_run
 from lcm.predict.score import load_model_once, score_files, score_unit
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "part_table",
     "read_part_meta",
     "resolve_source",
+    "run_report",
     "score_files",
     "score_unit",
     "start_run",

@@ -175,3 +175,30 @@ def _own_run(con: Any, db: Path, run_id: str, model_sha256: str) -> dict[str, An
             "while this one scored it; nothing registered"
         )
     return run
+
+
+def run_report(db: Path, run: dict[str, Any], lock_timeout: float = 60.0) -> str:
+    """A link-free Markdown summary of a complete run: its counts, and the three labels
+    predicted most and least often (from its summaries)."""
+    con = store.open_db(db, read_only=True, timeout=lock_timeout)
+    try:
+        rows = con.execute(
+            "SELECT l.name, m.predicted, m.images FROM label_summaries m "
+            "JOIN labels l USING (run_id, label_id) WHERE m.run_id = ? "
+            "ORDER BY m.predicted DESC, l.name", [run["run_id"]]
+        ).fetchall()  # fmt: skip
+    finally:
+        con.close()
+    lines = [
+        f"# Batch prediction run `{run['run_id']}`", "",
+        f"- images: {run['n_images']} scored, {run['n_skipped']} skipped, "
+        f"{run.get('n_reused') or 0} reused from an earlier run",
+        f"- shards: {run['n_shards']}; model `{run['model_dir']}` ({run['weights']} weights)",
+        f"- source: `{run['source']}`; store: `{db}`", "",
+        "| labels predicted most often | images | | labels predicted least often | images |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    most, least = rows[:3], rows[::-1][:3]
+    for (a, na, _), (b, nb, _) in zip(most, least, strict=False):
+        lines.append(f"| {a} | {na} | | {b} | {nb} |")
+    return "\n".join(lines) + "\n"
