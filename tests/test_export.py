@@ -81,3 +81,28 @@ def test_cli_prints_the_differences_and_errors_are_one_line(trained, tmp_path):
     )
     assert bad.returncode == 1
     assert len(bad.stderr.strip().splitlines()) == 1 and "model.json" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("read", ["attend", "direct", "attend_map"])
+def test_onnx_of_each_latent_context_read_matches_pytorch(tmp_path, read):
+    """The redesign's reads (lcm.models.context), whichever is the default: the exporter's
+    own check (batches 1 and 3, within 1e-4) and a batch it never saw."""
+    from lcm.checkpoint import ModelMeta, save_model
+    from lcm.config import ModelConfig
+    from lcm.models import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, heads=4, ffn=32, depth=1, context_read=read, readout="context",
+                      token_norm=True, embed_init=1.0, prototype_score="cosine")  # fmt: skip
+    classes = ("a", "b", "c")
+    save_model(tmp_path / "m", build_model(cfg, len(classes)),
+               ModelMeta(cfg, classes, 64, (0.5,) * 3, (0.25,) * 3, {}), None)  # fmt: skip
+    res = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    assert max(res.max_abs_diff.values()) < 1e-4
+    loaded = load_for_inference(tmp_path / "m", "raw", torch.device("cpu"))
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch.sigmoid(loaded.model(x).logits).numpy()
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": x.numpy()})[0]
+    assert np.abs(got - expected).max() < 1e-4
