@@ -249,8 +249,25 @@ def thresholds_or_default(model_dir: Path, classes: Sequence[str]) -> tuple[np.n
     return np.full(len(classes), 0.5), DEFAULT_THRESHOLD_SOURCE
 
 
-def save_thresholds(path: Path, classes: Sequence[str], thresholds: np.ndarray) -> None:
-    """Write the per-class thresholds as a JSON object ``{class name: threshold}``."""
+def threshold_sources(model_dir: Path, classes: Sequence[str]) -> list[str]:
+    """Per class, where its threshold came from and why: ``<file> (F1-optimal)``,
+    ``<file> (no skill ...: default 0.5)``, or ``default 0.5`` without a file."""
+    path = Path(model_dir) / THRESHOLDS_FILE
+    if not path.is_file():
+        return [DEFAULT_THRESHOLD_SOURCE] * len(classes)
+    data = read_json(path, "thresholds file not found", CheckpointError)
+    reasons = data.get("sources", {}) if isinstance(data, dict) and "format" in data else {}
+    return [f"{path} ({reasons[c]})" if c in reasons else str(path) for c in classes]
+
+
+def save_thresholds(
+    path: Path,
+    classes: Sequence[str],
+    thresholds: np.ndarray,
+    sources: Sequence[str] | None = None,
+) -> None:
+    """Write the per-class thresholds: ``{class name: threshold}``, or with ``sources`` (why
+    each was chosen) ``{"format": 2, "thresholds": {...}, "sources": {...}}``."""
     th = np.asarray(thresholds, dtype=np.float64)
     if th.shape != (len(classes),):
         raise ValueError(f"{th.shape} thresholds for {len(classes)} classes")
@@ -260,7 +277,14 @@ def save_thresholds(path: Path, classes: Sequence[str], thresholds: np.ndarray) 
         raise ValueError("thresholds must be finite")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {str(c): float(v) for c, v in zip(classes, th, strict=True)})
+    values = {str(c): float(v) for c, v in zip(classes, th, strict=True)}
+    if sources is None:
+        atomic_write_json(path, values)
+        return
+    if len(sources) != len(classes):
+        raise ValueError(f"{len(sources)} threshold sources for {len(classes)} classes")
+    why = dict(zip(map(str, classes), sources, strict=True))
+    atomic_write_json(path, {"format": 2, "thresholds": values, "sources": why})
 
 
 def load_thresholds(path: Path, classes: Sequence[str]) -> np.ndarray:
@@ -271,6 +295,8 @@ def load_thresholds(path: Path, classes: Sequence[str]) -> np.ndarray:
     """
     path = Path(path)
     data = read_json(path, "thresholds file not found", CheckpointError)
+    if isinstance(data, dict) and data.get("format") == 2:
+        data = data.get("thresholds")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object mapping class name to threshold")
     missing = [c for c in classes if c not in data]

@@ -14,7 +14,7 @@ from lcm import checkpoint as ckpt
 from lcm.data.shards import eval_loader, resolve_shards
 from lcm.errors import CheckpointError, DataError
 from lcm.inference import predict
-from lcm.metrics import EvalResult, calibrate_thresholds, evaluate_scores
+from lcm.metrics import EvalResult, calibrate, evaluate_scores
 from lcm.progress import ProgressCallback
 from lcm.reports import write_evaluation
 from lcm.runtime import amp_dtype, select_device
@@ -60,7 +60,8 @@ def evaluate_checkpoint(
     if not keys:
         raise DataError(f"{req.shards}: the shards hold no samples")
     result = evaluate_scores(scores, targets, meta.classes)
-    thresholds = calibrate_thresholds(scores, targets) if req.calibrate else None
+    calibration = calibrate(scores, targets) if req.calibrate else None
+    thresholds = calibration.thresholds if calibration is not None else None
     write_evaluation(
         result,
         scores,
@@ -76,6 +77,10 @@ def evaluate_checkpoint(
     )
     if thresholds is not None:
         # Calibrated on this split: prediction uses them; say so in the file name's owner.
-        ckpt.save_thresholds(req.checkpoint / ckpt.THRESHOLDS_FILE, meta.classes, thresholds)
-        log.info("saved per-class F1 thresholds to %s", req.checkpoint / ckpt.THRESHOLDS_FILE)
+        ckpt.save_thresholds(req.checkpoint / ckpt.THRESHOLDS_FILE, meta.classes, thresholds,
+                             calibration.reasons)  # fmt: skip
+        skipped = [c for c, r in zip(meta.classes, calibration.reasons, strict=True)
+                   if r.startswith("no skill")]  # fmt: skip
+        note = f" (no skill, default 0.5 kept: {', '.join(skipped)})" if skipped else ""
+        log.info("saved per-class thresholds to %s%s", req.checkpoint / ckpt.THRESHOLDS_FILE, note)
     return result

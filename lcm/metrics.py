@@ -235,6 +235,44 @@ def calibrate_thresholds(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(n_pos[:, 0] > 0, chosen, DEFAULT_THRESHOLD)
 
 
+# A class whose validation AP does not beat its prevalence (a random ranking's AP) by this
+# much has no skill to calibrate: its F1-optimal threshold would be "predict it everywhere".
+NO_SKILL_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-class thresholds and why each was chosen."""
+
+    thresholds: np.ndarray  # (C,)
+    reasons: tuple[str, ...]  # "F1-optimal", or why the class keeps DEFAULT_THRESHOLD
+
+
+def calibrate(scores: np.ndarray, targets: np.ndarray, margin: float = NO_SKILL_MARGIN
+              ) -> Calibration:  # fmt: skip
+    """:func:`calibrate_thresholds`, except that a class whose AP is below its prevalence
+    plus ``margin`` (no skill to threshold) keeps the default threshold 0.5: a model that
+    learned nothing about a class scores it about its prevalence, so 0.5 seldom predicts it,
+    where its F1-optimal threshold predicts it on every image."""
+    s, t = _as_arrays(scores, targets)
+    best = calibrate_thresholds(s, t)
+    ap = per_class_ap(s, t)
+    known = (t >= 0).sum(axis=0)
+    prevalence = np.divide((t == 1).sum(axis=0), known, out=np.zeros(t.shape[1]),
+                           where=known > 0)  # fmt: skip
+    thresholds, reasons = best.copy(), []
+    for c in range(t.shape[1]):
+        if np.isnan(ap[c]):
+            reasons.append(f"no known positive: default {DEFAULT_THRESHOLD}")
+        elif ap[c] < prevalence[c] + margin:
+            thresholds[c] = DEFAULT_THRESHOLD
+            reasons.append(f"no skill (AP {ap[c]:.3f} < prevalence {prevalence[c]:.3f} + "
+                           f"{margin}): default {DEFAULT_THRESHOLD}")  # fmt: skip
+        else:
+            reasons.append("F1-optimal")
+    return Calibration(thresholds, tuple(reasons))
+
+
 @dataclass(frozen=True)
 class ClassMetrics:
     """One row of the per-class table."""

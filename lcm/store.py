@@ -414,7 +414,7 @@ def create_run(
     con: duckdb.DuckDBPyConnection,
     run: RunRecord,
     labels: Sequence[tuple[str, float]],
-    threshold_source: str,
+    threshold_source: str | Sequence[str],
     listing_skips: Sequence[tuple[str, str]] = (),
 ) -> tuple[int, int | None]:
     """Insert the run (status ``running``) under a new ordinal, its labels and the inputs
@@ -452,7 +452,12 @@ def create_run(
                 "label_id": pa.array(range(len(labels)), pa.int16()),
                 "name": pa.array([n for n, _ in labels], pa.string()),
                 "threshold": pa.array([t for _, t in labels], pa.float64()),
-                "threshold_source": pa.array([threshold_source] * len(labels), pa.string()),
+                "threshold_source": pa.array(
+                    [threshold_source] * len(labels)
+                    if isinstance(threshold_source, str)
+                    else list(threshold_source),
+                    pa.string(),
+                ),
             }
         )
         con.from_arrow(label_rows).insert_into("labels")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lcm.checkpoint import load_for_inference, load_thresholds
+from lcm.checkpoint import load_for_inference, load_thresholds, threshold_sources
 from lcm.config import load_params
 from lcm.data.shards import eval_loader, resolve_shards
 from lcm.engine import fit
@@ -48,6 +48,9 @@ def test_evaluate_writes_reports_and_thresholds(trained, tmp_path):
     assert (tmp_path / "eval" / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
     thresholds = load_thresholds(model_dir / "thresholds.json", CLASSES)
     assert thresholds.shape == (4,)
+    sources = threshold_sources(model_dir, CLASSES)  # why each, for the store's labels
+    assert all(s.startswith(str(model_dir / "thresholds.json") + " (") for s in sources)
+    assert all(s.endswith(("(F1-optimal)", "default 0.5)")) for s in sources)
 
     # the same numbers as scoring the stream directly with the raw weights
     model = load_for_inference(model_dir, "raw", torch.device("cpu")).model

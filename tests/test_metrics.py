@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from lcm.metrics import (
     average_precision,
+    calibrate,
     calibrate_thresholds,
     evaluate_scores,
     mean_average_precision,
@@ -258,6 +259,26 @@ def test_calibration_ignores_unknown_entries() -> None:
     targets = np.array([[-1], [0], [1], [0]], dtype=np.float64)
     # Known: 0.8 neg, 0.3 pos, 0.2 neg -> predicting from 0.3 down gives F1 = 1.
     np.testing.assert_array_equal(calibrate_thresholds(scores, targets), [0.3])
+
+
+def test_a_class_without_skill_gets_no_everywhere_threshold() -> None:
+    rng = np.random.default_rng(7)
+    targets = (rng.random((200, 3)) < 0.2).astype(np.float64)
+    scores = np.column_stack([
+        np.full(200, 0.3),  # a constant scorer: no skill at all
+        targets[:, 1] * 0.6 + rng.random(200) * 0.3,  # a good one
+        rng.random(200),  # a random one: AP about the prevalence
+    ])  # fmt: skip
+    # the F1-optimal threshold of a constant scorer predicts the class on every image
+    assert calibrate_thresholds(scores, targets)[0] == pytest.approx(0.3)
+    cal = calibrate(scores, targets)
+    assert cal.thresholds[0] == 0.5 and cal.reasons[0].startswith("no skill (AP 0.2")
+    assert (scores[:, 0] >= cal.thresholds[0]).sum() == 0  # never, not everywhere
+    assert cal.reasons[1] == "F1-optimal"
+    assert cal.thresholds[1] == calibrate_thresholds(scores, targets)[1]
+    assert cal.thresholds[2] == 0.5 and cal.reasons[2].startswith("no skill")
+    none = calibrate(scores, np.zeros_like(targets))
+    assert none.reasons[0] == "no known positive: default 0.5"
 
 
 def test_evaluate_scores_result_and_json() -> None:

@@ -124,7 +124,11 @@ def reusable_part(
 
 
 def write_labels(
-    req: PredictRequest, run_dir: Path, meta: ckpt.ModelMeta, thresholds: np.ndarray, source: str
+    req: PredictRequest,
+    run_dir: Path,
+    meta: ckpt.ModelMeta,
+    thresholds: np.ndarray,
+    sources: str | list[str],
 ) -> None:
     """The run's labels beside its files, so `lcm query --parts` can name them."""
     n = len(meta.classes)
@@ -134,7 +138,9 @@ def write_labels(
             "label_id": pa.array(range(n), pa.int16()),
             "name": pa.array(meta.classes, pa.string()),
             "threshold": pa.array(thresholds, pa.float64()),
-            "threshold_source": pa.array([source] * n, pa.string()),
+            "threshold_source": pa.array(
+                [sources] * n if isinstance(sources, str) else sources, pa.string()
+            ),
         }
     )
     Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,8 @@ def start_run(
     source = reuse.hash_units(source)  # image folders: content hashes, for --only-new later
     digest = ckpt.model_digest(req.checkpoint, req.weights)
     record = run_record(req, meta, source, digest, flow_run_id, deployment)
-    thresholds, th_source = ckpt.thresholds_or_default(req.checkpoint, meta.classes)
+    thresholds, _ = ckpt.thresholds_or_default(req.checkpoint, meta.classes)
+    th_sources = ckpt.threshold_sources(req.checkpoint, meta.classes)
     replaced = None
     with store.writer(req.db, req.lock_timeout, req.parts_root) as con:
         root = store.data_root_of(con, req.db)
@@ -66,7 +67,7 @@ def start_run(
                      len(committed), len(source.units))  # fmt: skip
         else:
             labels = list(zip(meta.classes, thresholds.tolist(), strict=True))
-            ordinal, replaced = store.create_run(con, record, labels, th_source,
+            ordinal, replaced = store.create_run(con, record, labels, th_sources,
                                                  source.listing_skips)  # fmt: skip
             committed = set()
         n_reused = 0
@@ -76,7 +77,7 @@ def start_run(
     if replaced is not None:  # the catalog forgot it in the swap: its files go now
         shutil.rmtree(store.run_dir(root, req.run_id, replaced), ignore_errors=True)
     run_dir = store.run_dir(root, req.run_id, ordinal)
-    parts.write_labels(req, run_dir, meta, thresholds, th_source)
+    parts.write_labels(req, run_dir, meta, thresholds, th_sources)
     pending, reused = [], []
     settings = scoring_settings(req)
     for unit in source.units:
