@@ -15,7 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PREFECT_LOGGING_LEVEL := WARNING
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test test-fast lint format bench clean-demo studies pictures
+.PHONY: demo test test-fast lint format bench clean-demo studies pictures docs
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -40,6 +40,11 @@ test: $(STAMP)
 # Everything but the end-to-end tests marked slow (services, subprocesses, SIGKILL, DDP).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or a missing
+# page fails. The CLI reference is generated from the Typer app by docs/hooks.py.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
