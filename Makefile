@@ -46,8 +46,10 @@ test-fast: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --quiet
 
+# ruff, and the import layers of pyproject.toml's [tool.importlinter] (no circles, no
+# upward imports, no Prefect/Typer/DVC in lcm/).
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-cache
 
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

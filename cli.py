@@ -160,7 +160,7 @@ def data_ceilings(
     out.print("per-glyph counts, linear vs non-linear:", highlight=False)
     out.print(format_count_table(measure_count_ceilings(raw)), highlight=False)
     if probe:
-        from lcm.data.synthetic.probe import format_probe_table, probe_backbone
+        from lcm.studies.probe import format_probe_table, probe_backbone
 
         with progress_bar("probing") as update:
             table = probe_backbone(raw, progress=update)
@@ -331,7 +331,7 @@ def train(
     """Train a model (LCM or a baseline, by params) on shards; checkpoints go to OUT."""
     from flows.train import train_flow
     from lcm.config import load_params_with
-    from lcm.training import TrainRequest, check_request, mask_for
+    from lcm.train_request import TrainRequest, check_request, mask_for
 
     params = load_params_with(params_file, overrides)
     request = TrainRequest(
@@ -345,9 +345,9 @@ def train(
         nproc=nproc,
         record_keys=record_keys,
     )
-    check_request(request)  # before a Prefect server or a process group starts
+    resolved = check_request(request)  # before a Prefect server or a process group starts
     _quiet_flow_errors()
-    history = train_flow(request)
+    history = train_flow(resolved)
     if history:
         last = history[-1]
         shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val"))
@@ -369,15 +369,15 @@ def evaluate(
 ) -> None:
     """Evaluate a model: metrics.json, per_class.csv, PR curves, calibrated thresholds."""
     from flows.evaluate import evaluate_flow
-    from lcm.checkpoint import load_meta
-    from lcm.data.shards import resolve_shards
-    from lcm.runtime import select_device
+    from lcm.evaluate import EvaluateRequest, check_evaluate
+    from lcm.handoff import hand_over
 
-    load_meta(checkpoint)
-    resolve_shards(shards)
-    select_device(device)
     if weights not in ("raw", "ema"):
         raise typer.BadParameter("expected raw or ema", param_hint="--weights")
+    request = EvaluateRequest(checkpoint=checkpoint, shards=shards, out_dir=out_dir,
+                              weights=weights, batch_size=batch_size, num_workers=num_workers,
+                              device=device, calibrate=calibrate)  # fmt: skip
+    resolved = check_evaluate(request)  # before a Prefect server starts
     _quiet_flow_errors()
     metrics = evaluate_flow(
         checkpoint=str(checkpoint),
@@ -388,6 +388,7 @@ def evaluate(
         num_workers=num_workers,
         device=device,
         calibrate=calibrate,
+        checked=hand_over(resolved),
     )
     out.print(
         f"{metrics['n_images']} images: mAP {metrics['mAP']:.4f}  CF1 {metrics['CF1']:.4f}  "
@@ -454,6 +455,7 @@ def batch_predict(
     """Score shards or image files into the prediction store (resumable; one row per image x
     label)."""
     from flows.predict import batch_predict
+    from lcm.handoff import hand_over
     from lcm.predict import PredictRequest, check_request, check_run_conflict
 
     if task_runner not in ("thread", "dask"):
@@ -484,6 +486,7 @@ def batch_predict(
             task_runner,  # type: ignore[arg-type]  # checked above
             dask_address,
             progress=update,
+            checked=hand_over((meta, source)),
             **request.flow_params(),
         )
     if run.get("already_complete"):

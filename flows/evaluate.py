@@ -8,12 +8,13 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from lcm.evaluate import EvaluateRequest, evaluate_checkpoint
+from lcm.evaluate import EvaluateRequest, ResolvedEvaluate, evaluate_checkpoint
+from lcm.handoff import take
 from lcm.reports import markdown_summary
 
 
 @task
-def evaluate_model(request: EvaluateRequest) -> dict[str, Any]:
+def evaluate_model(request: EvaluateRequest | ResolvedEvaluate) -> dict[str, Any]:
     result = evaluate_checkpoint(request)
     create_markdown_artifact(key="evaluation-report", markdown=markdown_summary(result))
     return result.to_dict()
@@ -29,7 +30,10 @@ def evaluate_flow(
     num_workers: int = 2,
     device: str = "auto",
     calibrate: bool = True,
+    checked: str | None = None,
 ) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on ``shards`` into ``out_dir``. ``checked``: the token of the
+    inputs ``lcm evaluate`` checked in this process (:func:`lcm.handoff.hand_over`)."""
     request = EvaluateRequest(
         checkpoint=Path(checkpoint),
         shards=shards,
@@ -40,7 +44,8 @@ def evaluate_flow(
         device=device,
         calibrate=calibrate,
     )
-    metrics = evaluate_model(request)
+    resolved = take(checked)
+    metrics = evaluate_model(resolved if resolved is not None else request)
     headline = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     create_table_artifact(key="evaluation-metrics", table=[headline])
     return metrics

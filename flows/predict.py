@@ -32,9 +32,12 @@ DASK_LOCAL_WORKERS = 2
 
 @task(cache_policy=NONE)
 def start_run(
-    request: lp.PredictRequest, flow_run_id: str | None, deployment: str | None
+    request: lp.PredictRequest,
+    flow_run_id: str | None,
+    deployment: str | None,
+    checked: str | None = None,
 ) -> lp.RunPlan:
-    return lp.start_run(request, flow_run_id, deployment)
+    return lp.start_run(request, flow_run_id, deployment, checked)
 
 
 @task(
@@ -107,11 +110,14 @@ def batch_predict_flow(
     run_date: str | None = None,
     only_new: bool = False,
     progress: ProgressCallback | None = None,
+    checked: str | None = None,
 ) -> dict[str, Any]:
     """Score every image of ``shards`` or ``images`` into ``db`` under ``run_id`` (default,
     for scheduled runs: ``scheduled-<date>``) and ``run_date`` (ISO; default: the scheduled
     date). Resumes an interrupted run. ``only_new`` (image folders): score only the images
-    whose content no earlier run of this model and image size scored; copy the others."""
+    whose content no earlier run of this model and image size scored; copy the others.
+    ``checked``: the token of the inputs ``lcm batch-predict`` checked in this process
+    (:func:`lcm.handoff.hand_over`), so they are not read again."""
     logger = get_run_logger()
     request = lp.PredictRequest(
         checkpoint=Path(checkpoint),
@@ -130,7 +136,7 @@ def batch_predict_flow(
         only_new=only_new,
     )
     plan = start_run(request, str(flow_run.id) if flow_run.id else None,
-                     deployment.name or None)  # fmt: skip
+                     deployment.name or None, checked)  # fmt: skip
     if plan.complete:
         logger.info("run %s is already complete in %s: nothing to do", request.run_id, db)
         return {"run_id": request.run_id, "status": "complete", "already_complete": True}

@@ -192,13 +192,18 @@ class LoadedModel:
 
 
 def load_for_inference(
-    model_dir: Path, weights: str, device: torch.device, thresholds: bool = True
+    model_dir: Path,
+    weights: str,
+    device: torch.device,
+    thresholds: bool = True,
+    meta: ModelMeta | None = None,
 ) -> LoadedModel:
-    """Load ``model.json``, the raw or EMA weights and the thresholds of a model directory
-    (``thresholds=False``: 0.5 everywhere, for the evaluation that calibrates new ones)."""
+    """Load ``model.json`` (unless its ``meta`` is given, already read), the raw or EMA
+    weights and the thresholds of a model directory (``thresholds=False``: 0.5 everywhere,
+    for the evaluation that calibrates new ones)."""
     from lcm.models import build_model  # models import torchvision: only when a model is built
 
-    meta = load_meta(model_dir)
+    meta = meta if meta is not None else load_meta(model_dir)
     model = build_model(meta.model, len(meta.classes), branch=False)
     data = load_weights(model, model_dir, weights)  # the digest covers these very bytes
     if thresholds:

@@ -21,7 +21,7 @@ from torch import nn
 
 from lcm import checkpoint as ckpt
 from lcm.config import Params, TrainConfig, to_dict
-from lcm.data.shards import eval_loader, label_priors, resolve_shards, train_loader
+from lcm.data.shards import eval_loader, label_priors, train_loader
 from lcm.data.transforms import MEAN, STD
 from lcm.errors import ConfigError
 from lcm.inference import predict
@@ -30,8 +30,8 @@ from lcm.metrics import evaluate_scores
 from lcm.progress import ProgressCallback
 from lcm.resume import ResumeState
 from lcm.runtime import Dist, seed_everything, select_device, unwrap
+from lcm.train_request import ResolvedTrain, TrainRequest, check_request
 from lcm.trainer import TrainState, build_trainer, train_step
-from lcm.training import TrainRequest, check_request
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +52,25 @@ class FitResult:
 
 
 def fit(
-    req: TrainRequest,
+    request: TrainRequest | ResolvedTrain,
     *,
     on_epoch: EpochCallback | None = None,
     progress: ProgressCallback | None = None,
     dist: Dist | None = None,
 ) -> FitResult:
     """Train ``req.params.model`` on ``req.train_shards``; checkpoint into ``req.out_dir``;
-    return the history. The request is checked first (:func:`lcm.training.check_request`)."""
-    check_request(req)
+    return the history. A plain request is checked and resolved first
+    (:func:`lcm.train_request.check_request`); a resolved one is used as it is."""
+    resolved = check_request(request)
+    req = resolved.request
     params, cfg, mask = req.params, req.params.train, req.mask
     dist = dist or Dist()
     device = select_device(cfg.device)
     out_dir = Path(req.out_dir)
 
-    shard_paths, info = resolve_shards(req.train_shards)
+    shard_paths, info = resolved.train
     classes = tuple(info.classes)
-    val = resolve_shards(req.val_shards) if req.val_shards is not None else None
+    val = resolved.val
 
     def make_train(epoch: int, skip: int) -> Any:
         return train_loader(

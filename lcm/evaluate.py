@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lcm import checkpoint as ckpt
+from lcm.data.shard_format import ShardInfo
 from lcm.data.shards import eval_loader, resolve_shards
-from lcm.errors import CheckpointError, DataError
+from lcm.errors import CheckpointError, ConfigError, DataError
 from lcm.inference import predict
 from lcm.metrics import EvalResult, calibrate, evaluate_scores
 from lcm.progress import ProgressCallback
@@ -34,18 +36,43 @@ class EvaluateRequest:
     calibrate: bool = True
 
 
-def evaluate_checkpoint(
-    req: EvaluateRequest, progress: ProgressCallback | None = None
-) -> EvalResult:
-    device = select_device(req.device)
+@dataclass(frozen=True)
+class ResolvedEvaluate:
+    """A checked :class:`EvaluateRequest` with its shards and the model's metadata read."""
+
+    request: EvaluateRequest
+    shards: tuple[list[Any], ShardInfo]
+    meta: ckpt.ModelMeta
+
+
+def check_evaluate(req: EvaluateRequest | ResolvedEvaluate) -> ResolvedEvaluate:
+    """Every input checked (one LcmError line each), the shards and ``model.json`` read once."""
+    if isinstance(req, ResolvedEvaluate):
+        return req
+    if req.weights not in ("raw", "ema"):
+        raise ConfigError(f"--weights {req.weights!r}: expected raw or ema")
+    select_device(req.device)
+    meta = ckpt.load_meta(req.checkpoint)
     paths, info = resolve_shards(req.shards)
-    loaded = ckpt.load_for_inference(req.checkpoint, req.weights, device, thresholds=False)
-    meta = loaded.meta
     if tuple(info.classes) != meta.classes:
         raise CheckpointError(
             f"{req.checkpoint}: the model's {len(meta.classes)} classes differ from the "
             f"{len(info.classes)} classes of {req.shards}"
         )
+    return ResolvedEvaluate(request=req, shards=(paths, info), meta=meta)
+
+
+def evaluate_checkpoint(
+    request: EvaluateRequest | ResolvedEvaluate, progress: ProgressCallback | None = None
+) -> EvalResult:
+    resolved = check_evaluate(request)
+    req = resolved.request
+    device = select_device(req.device)
+    paths, info = resolved.shards
+    loaded = ckpt.load_for_inference(
+        req.checkpoint, req.weights, device, thresholds=False, meta=resolved.meta
+    )
+    meta = loaded.meta
     loader = eval_loader(
         (paths, info),
         batch_size=req.batch_size,

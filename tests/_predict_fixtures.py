@@ -17,7 +17,7 @@ from lcm.data.shards import eval_loader, resolve_shards
 from lcm.data.tar_index import scan_tar
 from lcm.engine import fit
 from lcm.inference import predict
-from lcm.training import TrainRequest
+from lcm.train_request import TrainRequest
 from tests._engine_fixtures import make_split, write_params
 
 

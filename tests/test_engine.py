@@ -20,8 +20,8 @@ from lcm.errors import CheckpointError
 from lcm.inference import predict
 from lcm.metrics import evaluate_scores
 from lcm.resume import load_state
+from lcm.train_request import TrainRequest
 from lcm.trainer import Ema
-from lcm.training import TrainRequest
 from tests._engine_fixtures import CLASSES, cli_env, lcm_cmd, write_params
 
 

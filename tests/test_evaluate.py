@@ -16,7 +16,7 @@ from lcm.errors import CheckpointError
 from lcm.evaluate import EvaluateRequest, evaluate_checkpoint
 from lcm.inference import predict
 from lcm.metrics import evaluate_scores
-from lcm.training import TrainRequest
+from lcm.train_request import TrainRequest
 from tests._engine_fixtures import CLASSES, make_split, make_tiny_data, write_params
 
 

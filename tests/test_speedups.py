@@ -19,8 +19,8 @@ from lcm.config import LossConfig, ModelConfig, TrainConfig, load_params
 from lcm.data.shards import eval_loader, train_loader
 from lcm.engine import fit
 from lcm.errors import DataError
+from lcm.train_request import TrainRequest
 from lcm.trainer import Ema, TensorBatch, build_trainer, train_step
-from lcm.training import TrainRequest
 from tests._engine_fixtures import write_params
 from tests._predict_fixtures import corrupt_one_jpeg
 

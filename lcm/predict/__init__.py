@@ -24,6 +24,7 @@ from lcm.predict.request import (
     Unit,
     check_request,
     check_run_conflict,
+    checked_request,
     resolve_source,
 )
 from lcm.predict.run import RunPlan, merge_parts, run_report, start_run
@@ -36,6 +37,7 @@ __all__ = [
     "Unit",
     "check_request",
     "check_run_conflict",
+    "checked_request",
     "load_model_once",
     "merge_parts",
     "part_table",

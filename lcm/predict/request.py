@@ -15,6 +15,7 @@ from lcm import __version__, store
 from lcm import checkpoint as ckpt
 from lcm.data.shard_format import ShardInfo
 from lcm.errors import CheckpointError, ConfigError
+from lcm.handoff import take
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
@@ -150,6 +151,13 @@ def check_request(req: PredictRequest) -> tuple[ckpt.ModelMeta, Source]:
     _check_writable(req.db.parent)
     _check_writable(req.parts_root)
     return meta, source
+
+
+def checked_request(req: PredictRequest, token: str | None = None) -> tuple[ckpt.ModelMeta, Source]:
+    """The inputs the caller checked and handed over under ``token`` in this process
+    (:func:`lcm.handoff.hand_over`); else (a deployment's run, a Dask worker) checked here."""
+    found = take(token)
+    return found if found is not None else check_request(req)
 
 
 def _check_writable(folder: Path) -> None:

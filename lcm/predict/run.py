@@ -19,7 +19,7 @@ from lcm.predict import parts, reuse
 from lcm.predict.request import (
     PredictRequest,
     Unit,
-    check_request,
+    checked_request,
     refuse_other_work,
     run_record,
 )
@@ -43,10 +43,14 @@ class RunPlan:
 
 
 def start_run(
-    req: PredictRequest, flow_run_id: str | None = None, deployment: str | None = None
+    req: PredictRequest,
+    flow_run_id: str | None = None,
+    deployment: str | None = None,
+    checked: str | None = None,
 ) -> RunPlan:
-    """Create, resume or refuse the run; list its pending units and reusable parts."""
-    meta, source = check_request(req)
+    """Create, resume or refuse the run; list its pending units and reusable parts.
+    ``checked``: the token of inputs the caller already checked (:func:`hand_over`)."""
+    meta, source = checked_request(req, checked)
     source = reuse.hash_units(source)  # image folders: content hashes, for --only-new later
     digest = ckpt.model_digest(req.checkpoint, req.weights)
     record = run_record(req, meta, source, digest, flow_run_id, deployment)

@@ -59,7 +59,7 @@ def probe_backbone(
     from lcm.data.shard_writer import write_shards
     from lcm.data.synthetic.ceilings import _load_meta
     from lcm.engine import fit
-    from lcm.training import TrainRequest
+    from lcm.train_request import TrainRequest
 
     raw = Path(raw)
     meta = _load_meta(raw)
