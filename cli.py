@@ -288,14 +288,22 @@ def report_model(
     num_classes: int = 80,
     image_size: int = 448,
     depth: int = 3,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="A model field: model.KEY=VALUE (e.g. model.context_read=attend)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Parameters and GMACs of LCM, its head alone, and the `gap` baseline."""
+    """Parameters and GMACs of LCM (or a variant, by --set), its head alone, and `gap`."""
+    from lcm.config import model_overrides
     from lcm.models.complexity import format_report, model_report
 
     rep = model_report(
-        backbone=backbone, num_classes=num_classes, image_size=image_size, depth=depth
-    )
+        backbone=backbone, num_classes=num_classes, image_size=image_size, depth=depth,
+        **model_overrides(overrides or []),
+    )  # fmt: skip
     if as_json:
         out.print_json(json.dumps(rep))
     else:

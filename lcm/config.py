@@ -296,6 +296,16 @@ def apply_overrides(
     return raw
 
 
+def model_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``model.key=value`` overrides as ``ModelConfig`` fields, checked (unknown keys and
+    wrong types are errors, as in params.yaml)."""
+    raw = apply_overrides({}, overrides)
+    if set(raw) - {"model"}:
+        raise ConfigError(f"--set: only model.KEY=VALUE here, got {sorted(set(raw) - {'model'})}")
+    model = build_section(ModelConfig, raw.get("model", {}), "--set")
+    return {k: getattr(model, k) for k in raw.get("model", {})}
+
+
 def load_params_with(path: str | Path, overrides: list[str] | None = None) -> Params:
     """``load_params`` plus command-line overrides, validated together."""
     path = Path(path)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lcm.checkpoint import load_for_inference
-from lcm.config import FIRST_RECONSTRUCTION, LossConfig, ModelConfig
+from lcm.config import FIRST_RECONSTRUCTION, LossConfig, ModelConfig, model_overrides
 from lcm.errors import CheckpointError, ConfigError
 from lcm.models import MODELS, build_model
 from lcm.models.backbones import BACKBONES, create_backbone, hub_weights_path
@@ -326,6 +326,21 @@ def test_size_matches_paper() -> None:
     assert report["head"]["gmacs"] == pytest.approx(report["gmacs"] - backbone["gmacs"])
     assert "state_embed" in report["breakdown"] and "aux_head" in report["breakdown"]
     assert "GMACs" in format_report(report)
+
+
+def test_the_redesign_variants_sizes_against_the_papers_band() -> None:
+    """The decision rule's eligibility (69.7M +- 3%, <= 36.6 GMACs) for the screened reads."""
+    hygiene = ["model.readout=context", "model.token_norm=true", "model.embed_init=1.0"]
+    v1 = model_overrides(["model.context_read=attend", *hygiene])
+    v1s = model_report(**v1, ffn=1536)
+    v5s = model_report(**model_overrides(["model.context_read=attend_map", *hygiene]), ffn=1536)
+    assert model_report(**v1)["params"] > 69.7e6 * 1.03  # V1 itself is outside the band
+    for rep in (v1s, v5s):
+        assert abs(rep["params"] / 69.7e6 - 1) <= 0.03 and rep["gmacs"] <= 36.6
+    with pytest.raises(ConfigError, match="nope"):
+        model_overrides(["model.nope=1"])
+    with pytest.raises(ConfigError, match="only model"):
+        model_overrides(["train.epochs=1"])
 
 
 # --- pretrained weights: never downloaded, read from the hub cache or a local file ---------
