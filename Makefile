@@ -34,12 +34,14 @@ demo: $(STAMP)
 	@echo "precision and recall of the five most common val labels, from the batch predictions:"
 	@$(BIN)/lcm query --db predictions/synth.duckdb "$(DEMO_SQL)"
 
+# Two workers (pytest-xdist), a test module to a worker: most tests wait on subprocesses,
+# servers and disk, so two at a time finish sooner even on two cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # Everything but the end-to-end tests marked slow (services, subprocesses, SIGKILL, DDP).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or a missing
 # page fails. The CLI reference is generated from the Typer app by docs/hooks.py.
