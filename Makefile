@@ -37,7 +37,7 @@ demo: $(STAMP)
 # Two workers (pytest-xdist), a test module to a worker: most tests wait on subprocesses,
 # servers and disk, so two at a time finish sooner even on two cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # Everything but the end-to-end tests marked slow (services, subprocesses, SIGKILL, DDP).
 test-fast: $(STAMP)
