@@ -247,7 +247,7 @@ def main() -> None:
 
         t1 = timed(v1_delete)
         after1 = size_of([v1_db, v1_db.with_name(v1_db.name + ".wal")])
-        run_bytes = size_of([store.run_dir(root, oldest, 1)])
+        run_bytes = size_of([store.run_dir(root, oldest, 0).parent])  # every ordinal's files
         before2 = size_of([root])
         t2 = timed(lambda: prune(v2_db, keep_runs=args.nights - 1))
         report["delete_oldest"] = {
