@@ -14,6 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PREFECT_LOGGING_LEVEL := WARNING
 export DVC_NO_ANALYTICS := 1
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: demo test test-fast lint format bench clean-demo studies pictures docs
 
