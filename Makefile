@@ -28,12 +28,12 @@ $(STAMP): pyproject.toml
 
 # The demo's closing question to the prediction store (README: more worked queries): how
 # well the batch predictions find the five most common labels of the val split.
-DEMO_SQL := SELECT name AS label, count(*) FILTER (WHERE target = 1) AS positives, count(*) FILTER (WHERE predicted) AS predicted, round(count(*) FILTER (WHERE predicted AND target = 1) / nullif(count(*) FILTER (WHERE predicted), 0), 2) AS precision, round(count(*) FILTER (WHERE predicted AND target = 1) / count(*) FILTER (WHERE target = 1), 2) AS recall FROM scored WHERE target >= 0 GROUP BY name ORDER BY positives DESC, name LIMIT 5
+DEMO_SQL := SELECT s.name AS label, count(*) FILTER (WHERE s.target = 1) AS positives, count(*) FILTER (WHERE s.predicted) AS predicted, round(count(*) FILTER (WHERE s.predicted AND s.target = 1) / nullif(count(*) FILTER (WHERE s.predicted), 0), 2) AS precision, round(count(*) FILTER (WHERE s.predicted AND s.target = 1) / count(*) FILTER (WHERE s.target = 1), 2) AS recall, any_value(CASE WHEN l.threshold_source LIKE '%no skill%' THEN '0.5: not learned' ELSE 'F1-optimal' END) AS threshold FROM scored s JOIN labels l USING (run_id, label_id) WHERE s.target >= 0 GROUP BY s.name ORDER BY positives DESC, label LIMIT 5
 
 demo: $(STAMP)
 	$(BIN)/dvc repro
 	@$(BIN)/lcm summary
-	@echo "precision and recall of the five most common val labels, from the batch predictions:"
+	@echo "precision and recall of the five most common val labels, from the batch predictions (threshold: how each label decides):"
 	@$(BIN)/lcm query --db predictions/synth.duckdb "$(DEMO_SQL)"
 
 # Two workers (pytest-xdist), a test module to a worker: most tests wait on subprocesses,

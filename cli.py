@@ -296,7 +296,7 @@ def report_model(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Parameters and GMACs of LCM (or a variant, by --set), its head alone, and `gap`."""
+    """Parameters and GMACs of LCM or a variant of it, its head alone, and `gap`."""
     from lcm.config import model_overrides
     from lcm.models.complexity import format_report, model_report
 
