@@ -4,7 +4,7 @@
 -- Top images for a label
 SELECT image_key, round(score, 3) AS score, predicted
 FROM predictions_named WHERE run_id = 'raw' AND name = 'cup'
-ORDER BY score DESC LIMIT 5
+ORDER BY score DESC, image_key LIMIT 5
 ;
 
 -- Label frequencies above threshold

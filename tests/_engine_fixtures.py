@@ -104,16 +104,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def cli_env(tmp: Path, api: str | None = None) -> dict[str, str]:
-    """Environment for `lcm` subprocesses: a private Prefect home, no analytics, 2 threads;
-    ``api``: a running Prefect server's API URL to use instead of a temporary one."""
+    """Environment for `lcm` subprocesses: a private Prefect home, no analytics, as many
+    intra-op threads as this process uses (2; 1 under xdist), so a run in a subprocess
+    computes bit for bit as one in the test process; ``api``: a running Prefect server's API
+    URL to use instead of a temporary one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(tmp / "prefect-home"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         PREFECT_LOGGING_LEVEL="WARNING",
-        OMP_NUM_THREADS="2",
+        OMP_NUM_THREADS=str(_threads()),
         PYTHONPATH=str(ROOT),
     )
     if api is not None:
