@@ -11,7 +11,7 @@ ORDER BY score DESC, image_key LIMIT 5
 SELECT name, count(*) FILTER (WHERE predicted) AS images,
        round(avg(predicted::INT), 3) AS share, round(any_value(threshold), 3) AS threshold
 FROM predictions_named WHERE run_id = 'raw'
-GROUP BY name ORDER BY images DESC LIMIT 6
+GROUP BY name ORDER BY images DESC, name LIMIT 6
 ;
 
 -- Label co-occurrence matrix (images where both are predicted)
