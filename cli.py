@@ -337,11 +337,11 @@ def train(
     record_keys: Annotated[bool, typer.Option(hidden=True)] = False,
 ) -> None:
     """Train a model (LCM or a baseline, by params) on shards; checkpoints go to OUT."""
-    from flows.train import train_flow
     from lcm.config import load_params_with
+
+    params = load_params_with(params_file, overrides)  # a bad file fails before torch loads
     from lcm.train_request import TrainRequest, check_request, mask_for
 
-    params = load_params_with(params_file, overrides)
     request = TrainRequest(
         params=params,
         train_shards=shards,
@@ -354,6 +354,8 @@ def train(
         record_keys=record_keys,
     )
     resolved = check_request(request)  # before a Prefect server or a process group starts
+    from flows.train import train_flow  # Prefect loads only for a request that can run
+
     _quiet_flow_errors()
     history = train_flow(resolved)
     if history:
@@ -376,7 +378,6 @@ def evaluate(
     ] = True,
 ) -> None:
     """Evaluate a model: metrics.json, per_class.csv, PR curves, calibrated thresholds."""
-    from flows.evaluate import evaluate_flow
     from lcm.evaluate import EvaluateRequest, check_evaluate
     from lcm.handoff import hand_over
 
@@ -386,6 +387,8 @@ def evaluate(
                               weights=weights, batch_size=batch_size, num_workers=num_workers,
                               device=device, calibrate=calibrate)  # fmt: skip
     resolved = check_evaluate(request)  # before a Prefect server starts
+    from flows.evaluate import evaluate_flow
+
     _quiet_flow_errors()
     metrics = evaluate_flow(
         checkpoint=str(checkpoint),
@@ -462,7 +465,6 @@ def batch_predict(
 ) -> None:
     """Score shards or image files into the prediction store (resumable; one row per image x
     label)."""
-    from flows.predict import batch_predict
     from lcm.handoff import hand_over
     from lcm.predict import PredictRequest, check_request, check_run_conflict
 
@@ -487,6 +489,8 @@ def batch_predict(
     if check_run_conflict(request, meta, source) == "complete":
         out.print(f"run {run_id!r} is already complete in {db}: nothing to do", highlight=False)
         return
+    from flows.predict import batch_predict
+
     _quiet_flow_errors()
     label = f"scoring {source.total} images in {_count(len(source.units), 'shard')}"
     with progress_bar(label) as update:

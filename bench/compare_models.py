@@ -349,13 +349,19 @@ def main() -> None:
 
     device = select_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    results = args.out / "runs.jsonl"
+    done = {}
+    if results.exists():
+        done = {r["key"]: r for r in map(json.loads, results.read_text().splitlines())}
+    # the report covers every run in OUT, so every tier and arm there needs its data and MACs
+    tiers = [t for t in TIERS if t in args.tiers or any(r["tier"] == t for r in done.values())]
+    arms = {*args.arms, "gap", "lcm", *(r["arm"] for r in done.values())}
     data_dir = args.data or args.out / "data"
     data = {t: str(build_tier(data_dir, t, args.n_train, args.n_val, args.size, args.data_seed))
-            for t in args.tiers}  # fmt: skip  # cached: reused when it exists
+            for t in tiers}  # fmt: skip  # cached: reused when it exists
     n_cls = {t: len(torch.load(f, weights_only=True)["classes"]) for t, f in data.items()}
-    macs = {t: {a: gmacs(a, args.size, n_cls[t]) for a in ARMS} for t in args.tiers}
+    macs = {t: {a: gmacs(a, args.size, n_cls[t]) for a in ARMS if a in arms} for t in tiers}
     ratio = max(m["lcm"] / m["gap"] for m in macs.values())
-    results = args.out / "runs.jsonl"
     settings = {k: getattr(args, k) for k in ("n_train", "n_val", "size", "epochs", "batch")}
     if args.data_seed:  # absent for seed 0, so the results before the option stay comparable
         settings["data_seed"] = args.data_seed
@@ -366,9 +372,6 @@ def main() -> None:
             raise SystemExit(f"{args.out} holds runs made with {before}, not {settings}; "
                              "use another --out")  # fmt: skip
     settings_file.write_text(json.dumps(settings) + "\n")
-    done = {}
-    if results.exists():
-        done = {r["key"]: r for r in map(json.loads, results.read_text().splitlines())}
     todo = [j for j in plan(args, ratio) if j.key not in done]
     progress(f"{len(todo)} runs to do ({len(done)} done before) on {name}, {args.jobs} at a time")
     ctx = multiprocessing.get_context("spawn")

@@ -280,7 +280,8 @@ def measure_predict(
         num_workers=workers,
         **batch_delivery(cfg, device),
     )
-    warm, n, t0 = 3, 0, 0.0
+    warm = min(3, size.images // size.predict_batch - 2)  # at least one timed batch
+    n, t0 = 0, 0.0
     for i, scored in enumerate(score_batches(model, loader, device, dtype)):
         if i == warm:
             t0 = time.perf_counter()

@@ -149,6 +149,7 @@ def test_report_model_json_within_paper_tolerance(tmp_path):
     done = run(tmp_path, "report", "model", "--json")
     assert done.returncode == 0, done.stderr
     rep = json.loads(done.stdout)
-    assert abs(rep["params"] / 69.7e6 - 1) <= 0.02
+    # the size goal for the default: the paper's 69.7M +- 3%, at most Q2L's 36.6 GMACs
+    assert abs(rep["params"] / 69.7e6 - 1) <= 0.03 and rep["gmacs"] <= 36.6
     assert abs(rep["gmacs"] / 35.8 - 1) <= 0.03
     assert {"params", "gmacs"} <= set(rep["baseline"]) and {"params", "gmacs"} <= set(rep["head"])

@@ -124,27 +124,31 @@ KILLER = textwrap.dedent(
 )
 
 
+def _night_args(trained) -> list[str]:
+    return ["batch-predict", "--checkpoint", str(trained.model), "--shards",
+            str(trained.shards), "--run-id", "night", "--num-workers", "0", "--batch-size", "3",
+            "--device", "cpu"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def night_reference(trained, tmp_path_factory, prefect_harness):
+    """The uninterrupted `lcm batch-predict` of ``_night_args``: one store both kills compare
+    with."""
+    tmp = tmp_path_factory.mktemp("night-reference")
+    ref = tmp / "ref.duckdb"
+    subprocess.run(lcm_cmd(*_night_args(trained), "--db", str(ref)), env=api_env(tmp),
+                   check=True, capture_output=True)  # fmt: skip
+    return ref
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["part", "commit"])
-def test_sigkill_then_rerun_gives_every_row_once_bit_identical(trained, tmp_path, stage):
+def test_sigkill_then_rerun_gives_every_row_once_bit_identical(
+    trained, night_reference, tmp_path, stage
+):
     env = api_env(tmp_path)
-    args = [
-        "batch-predict",
-        "--checkpoint",
-        str(trained.model),
-        "--shards",
-        str(trained.shards),
-        "--run-id",
-        "night",
-        "--num-workers",
-        "0",
-        "--batch-size",
-        "3",
-        "--device",
-        "cpu",
-    ]
-    db, ref = tmp_path / "p.duckdb", tmp_path / "ref.duckdb"
-    subprocess.run(lcm_cmd(*args, "--db", str(ref)), env=env, check=True, capture_output=True)
+    args = _night_args(trained)
+    db, ref = tmp_path / "p.duckdb", night_reference
 
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER.format(root=str(ROOT)))
