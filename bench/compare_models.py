@@ -58,9 +58,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {"n_train": 64, "n_val": 32, "size": 64, "epochs": 1, "seeds": 2, "batch": 32},
 }
 from lcm.config import FIRST_RECONSTRUCTION  # noqa: E402
-from lcm.studies.grids import BASE_MODEL, BASE_TRAIN  # noqa: E402  (the studies' recipe too)
+from lcm.studies.grids import BASE_TRAIN  # noqa: E402  (the studies' recipe too)
 
-MODEL = {k: v for k, v in BASE_MODEL.items() if k not in ("arch", "mask_ratio")}
+# Every arm's shared shape, fixed (the studies' BASE_MODEL follows the default design; the
+# arms here name their reads and widths, so runs.jsonl rows stay comparable across changes).
+MODEL = {"backbone": "resnet18", "dim": 128, "heads": 8, "ffn": 256, "depth": 3, "dropout": 0.1}
 TRAIN = BASE_TRAIN
 # The shared recipe: a switch joins only when the recipe study shows it helps. On the GPU at
 # 400 images none did (head_lr 2e-4: -6.2 mAP for LCM; the others within noise): none kept.

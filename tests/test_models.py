@@ -82,17 +82,18 @@ def assert_trains(
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"arch": "lcm"},
-        {"arch": "lcm", "fusion": "sum"},
+        {"arch": "lcm"},  # the default design
+        {"arch": "lcm", **FIRST_RECONSTRUCTION},
+        {"arch": "lcm", **FIRST_RECONSTRUCTION, "fusion": "sum"},
         {"arch": "lcm", "prototypes": 3},
         {"arch": "lcm", "label_embed": True, "reinit_layers": True},
-        {"arch": "lcm", "context_tokens": False},
+        {"arch": "lcm", **FIRST_RECONSTRUCTION, "context_tokens": False},
         {"arch": "lcm", **FIRST_RECONSTRUCTION, **HYGIENE},
         {"arch": "lcm", "context_read": "attend", "readout": "context", **HYGIENE},
         {"arch": "lcm", "context_read": "attend", "prototypes": 3},
         {"arch": "lcm", "context_read": "direct", "readout": "context", **HYGIENE},
         {"arch": "lcm", "context_read": "direct", "label_embed": True, "token_norm": True},
-        {"arch": "lcm", "context_read": "direct", "fusion": "sum"},
+        {"arch": "lcm", "context_read": "direct", "fusion": "sum", "readout": "sum"},
         {"arch": "lcm", "context_read": "attend_map", "readout": "context", **HYGIENE},
         {"arch": "gap"},
         {"arch": "gap_mlp", "mlp_hidden": 16},
@@ -318,8 +319,11 @@ def test_unknown_names_rejected() -> None:
 
 def test_size_matches_paper() -> None:
     report = model_report("resnet101", num_classes=80, image_size=448, depth=3)
-    assert report["params"] == pytest.approx(69.7e6, rel=0.02)
+    # the default (lcm_v1s) inside the band: 69.7M +- 3%, at most Q2L's 36.6 GMACs
+    assert report["params"] == pytest.approx(69.7e6, rel=0.03) and report["gmacs"] <= 36.6
     assert report["gmacs"] == pytest.approx(35.8, rel=0.03)
+    first = model_report("resnet101", 80, 448, 3, **FIRST_RECONSTRUCTION, ffn=2048)
+    assert first["params"] == pytest.approx(69.7e6, rel=0.01)  # the first reconstruction
     assert report["baseline"]["gmacs"] == pytest.approx(31.5, rel=0.03)
     backbone = report["breakdown"]["backbone"]
     assert report["head"]["params"] == report["params"] - backbone["params"]
@@ -334,7 +338,7 @@ def test_the_redesign_variants_sizes_against_the_papers_band() -> None:
     v1 = model_overrides(["model.context_read=attend", *hygiene])
     v1s = model_report(**v1, ffn=1536)
     v5s = model_report(**model_overrides(["model.context_read=attend_map", *hygiene]), ffn=1536)
-    assert model_report(**v1)["params"] > 69.7e6 * 1.03  # V1 itself is outside the band
+    assert model_report(**v1, ffn=2048)["params"] > 69.7e6 * 1.03  # V1 itself is outside
     for rep in (v1s, v5s):
         assert abs(rep["params"] / 69.7e6 - 1) <= 0.03 and rep["gmacs"] <= 36.6
     with pytest.raises(ConfigError, match="nope"):

@@ -88,7 +88,7 @@ def test_label_embedding_and_context_free_control_change_the_head_only():
         assert missing.missing_keys == ["label_embed"]
         assert not torch.allclose(base(x).logits, named(x).logits)
         assert torch.equal(base(x).aux_logits, named(x).aux_logits)
-        alone = build_model(ModelConfig(context_tokens=False, **TINY), 5).eval()
+        alone = build_model(ModelConfig(context_tokens=False, readout="sum", **TINY), 5).eval()
         assert alone(x).logits.shape == (2, 5)
         mlp = build_model(ModelConfig(arch="gap_mlp", mlp_hidden=16, **TINY), 5)
         assert mlp(x).logits.shape == (2, 5)
