@@ -142,7 +142,9 @@ def main() -> None:
     ap.add_argument("--checkpoints", default="1,30,90,180,365", help="nights to report")
     ap.add_argument("--workdir", type=Path, default=None, help="[default: a temporary dir]")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "store.json")
+    ap.add_argument("--schema2-only", action="store_true", help="skip schema 1 (no ratios)")
     args = ap.parse_args()
+    v1 = not args.schema2_only
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.workdir))
     checkpoints = {int(x) for x in args.checkpoints.split(",") if int(x) <= args.nights}
     checkpoints.add(args.nights)
@@ -181,8 +183,9 @@ def main() -> None:
                 table = part_table(run_id, shard, keys[cut], [scores[cut]], [np.zeros((0, 0))], c)
                 p1 = v1_db.parent / "parts" / run_id / f"part-{shard}.parquet"
                 p1.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(table, p1, compression="zstd")  # schema 1's part writer
-                v1_parts.append((shard, p1))
+                if v1:
+                    pq.write_table(table, p1, compression="zstd")  # schema 1's part writer
+                    v1_parts.append((shard, p1))
                 p2 = store.run_dir(root, run_id, ordinal) / f"part-{shard}.parquet"
                 p2.parent.mkdir(parents=True, exist_ok=True)
                 write_part(p2, table)
@@ -191,7 +194,7 @@ def main() -> None:
             labels = pa.table({"run_id": [run_id] * c, "label_id": pa.array(range(c), pa.int16()),
                                "name": names, "threshold": thresholds,
                                "threshold_source": ["bench"] * c})  # fmt: skip
-            t1 = timed(lambda: v1_append(v1_db, run_id, v1_parts, labels))  # noqa: B023
+            t1 = timed(lambda: v1_append(v1_db, run_id, v1_parts, labels)) if v1 else 0.0  # noqa: B023
             t2 = timed(lambda: v2_append(v2_db, run_id, v2_parts))  # noqa: B023
             rows_total += n * c
             if night in checkpoints:
@@ -231,9 +234,10 @@ def main() -> None:
         }  # fmt: skip
         report["questions"] = {}
         for name, (sql1, sql2) in questions.items():
-            q = {"v1": ask(v1_db, sql1), "v2": ask(v2_db, sql2), "sql_v1": sql1, "sql_v2": sql2}
+            q = {"v1": ask(v1_db, sql1) if v1 else None, "v2": ask(v2_db, sql2), "sql_v1": sql1,
+                 "sql_v2": sql2}  # fmt: skip
             report["questions"][name] = q
-            progress(f"{name}: {q['v1']['median_s']:.3f} s (schema 1), "
+            progress(f"{name}: {q['v1']['median_s'] if v1 else float('nan'):.3f} s (schema 1), "
                      f"{q['v2']['median_s']:.3f} s (schema 2)")  # fmt: skip
             _save(args.out, report)
         oldest = f"scheduled-{start:%Y-%m-%d}"
@@ -245,7 +249,7 @@ def main() -> None:
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", [oldest])
             con.close()
 
-        t1 = timed(v1_delete)
+        t1 = timed(v1_delete) if v1 else 0.0
         after1 = size_of([v1_db, v1_db.with_name(v1_db.name + ".wal")])
         run_bytes = size_of([store.run_dir(root, oldest, 0).parent])  # every ordinal's files
         before2 = size_of([root])
@@ -264,7 +268,7 @@ def main() -> None:
             v2_db, questions["top100_label_last30"][1]
         )
         progress(f"compacted: top-100 {report['questions']['top100_label_last30']['v2_compacted']}")
-        report["reader_beside_writer"] = _reader_beside_writer(v1_db, v2_db)
+        report["reader_beside_writer"] = _reader_beside_writer(v1_db, v2_db, v1)
         progress(json.dumps(report["reader_beside_writer"]))
         _save(args.out, report)
     finally:
@@ -272,14 +276,14 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-def _reader_beside_writer(v1_db: Path, v2_db: Path) -> dict[str, str]:
+def _reader_beside_writer(v1_db: Path, v2_db: Path, v1: bool = True) -> dict[str, str]:
     """Can `lcm query` answer while another process holds a write connection? Schema 1's
     writer holds the file for a night's whole merge; schema 2's only to register a shard,
     modelled here by a holder that lets go after 0.5 s."""
     import subprocess
 
     out = {}
-    for name, db, hold in (("v1", v1_db, 30), ("v2", v2_db, 0.5)):
+    for name, db, hold in (("v1", v1_db, 30), ("v2", v2_db, 0.5))[0 if v1 else 1 :]:
         code = ("import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ready', "
                 "flush=True); time.sleep(float(sys.argv[2]))")  # fmt: skip
         holder = subprocess.Popen([sys.executable, "-c", code, str(db), str(hold)],
