@@ -190,8 +190,12 @@ def test_a_failed_run_ends_in_one_line_and_one_notification(server, trained, tmp
         assert state["type"] == "FAILED" and "/no/such/model" in state["message"], state
         assert "\n" not in state["message"].strip() and "Traceback" not in state["message"]
         # the second failure's notification arrives after any repeat of the first one would
-        wait_for("the second notification",
-                 lambda: any(missing["name"] in json.dumps(p) for p in _Channel.posts), 120, [w])
+        wait_for(
+            "the second notification",
+            lambda: any(missing["name"] in json.dumps(p) for p in _Channel.posts),
+            120,
+            [w],
+        )
     finally:
         stop(w)
         w.log.close()
