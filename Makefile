@@ -16,7 +16,7 @@ export PREFECT_LOGGING_LEVEL := WARNING
 export DVC_NO_ANALYTICS := 1
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test test-fast lint format bench clean-demo studies pictures docs
+.PHONY: demo test test-fast lint format bench clean-demo studies pictures pictures-v1s docs
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -66,17 +66,28 @@ bench: $(STAMP)
 studies: $(STAMP)
 	for s in depth mask-ratio alpha beta partial; do $(BIN)/lcm ablate --study $$s --grid quick || exit 1; done
 
-# The pictures' model: LCM trained on the interaction tier at 128 px (4 x 4 maps).
+# The pictures' model: LCM trained on the interaction tier at 128 px (4 x 4 maps); its
+# attention maps, t-SNE and anchor reach. `make pictures-v1s`: the same of the redesign lcm_v1s.
 PIC := studies/data/pictures
+PIC_MODEL := $(PIC)/model
+PIC_OUT := studies/pictures
+PIC_SET :=
+V1S_SET := --set model.context_read=attend --set model.readout=context \
+  --set model.token_norm=true --set model.embed_init=1.0 --set model.prototype_score=cosine \
+  --set model.ffn=192
 pictures: $(STAMP)
 	$(BIN)/lcm data synth $(PIC)/raw --tier interaction --n-train 1000 --n-val 200
 	for s in train val; do \
 	  $(BIN)/lcm data prepare coco --root $(PIC)/raw --split $$s --out $(PIC)/prepared/$$s && \
 	  $(BIN)/lcm data shard --prepared $(PIC)/prepared/$$s --images $(PIC)/raw/images/$$s \
 	    --out $(PIC)/shards/$$s --max-side 128 || exit 1; done
-	$(BIN)/lcm train --shards $(PIC)/shards/train --val-shards $(PIC)/shards/val --out $(PIC)/model \
-	  --no-live --set train.image_size=128 --set train.epochs=20
-	$(BIN)/lcm visualize attention --checkpoint $(PIC)/model --out studies/pictures/attention.png \
+	$(BIN)/lcm train --shards $(PIC)/shards/train --val-shards $(PIC)/shards/val --out $(PIC_MODEL) \
+	  --no-live --set train.image_size=128 --set train.epochs=20 $(PIC_SET)
+	$(BIN)/lcm visualize attention --checkpoint $(PIC_MODEL) --out $(PIC_OUT)/attention.png \
 	  --image $(PIC)/raw/images/val/000000001041.jpg --labels mouse,stapler,car,monitor
-	$(BIN)/lcm visualize tsne --checkpoint $(PIC)/model --shards $(PIC)/shards/val \
-	  --out studies/pictures/tsne.png
+	$(BIN)/lcm visualize tsne --checkpoint $(PIC_MODEL) --shards $(PIC)/shards/val \
+	  --out $(PIC_OUT)/tsne.png
+	$(BIN)/lcm visualize reach --checkpoint $(PIC_MODEL) --raw $(PIC)/raw --out $(PIC_OUT)/reach.md
+
+pictures-v1s:
+	$(MAKE) pictures PIC_MODEL=$(PIC)/model-v1s PIC_OUT=studies/pictures/lcm_v1s PIC_SET="$(V1S_SET)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lcm.checkpoint import load_for_inference
-from lcm.config import FIRST_RECONSTRUCTION, LossConfig, ModelConfig, model_overrides
+from lcm.config import (
+    FIRST_RECONSTRUCTION,
+    LCM_V1S,
+    LossConfig,
+    ModelConfig,
+    model_overrides,
+)
 from lcm.errors import CheckpointError, ConfigError
 from lcm.models import MODELS, build_model
 from lcm.models.backbones import BACKBONES, create_backbone, hub_weights_path
@@ -336,11 +343,16 @@ def test_the_redesign_variants_sizes_against_the_papers_band() -> None:
     """The decision rule's eligibility (69.7M +- 3%, <= 36.6 GMACs) for the screened reads."""
     hygiene = ["model.readout=context", "model.token_norm=true", "model.embed_init=1.0"]
     v1 = model_overrides(["model.context_read=attend", *hygiene])
-    v1s = model_report(**v1, ffn=1536)
+    v1s = model_report(**LCM_V1S, ffn=1536)
+    assert v1s == model_report(**v1, prototype_score="cosine", ffn=1536)
     v5s = model_report(**model_overrides(["model.context_read=attend_map", *hygiene]), ffn=1536)
     assert model_report(**v1, ffn=2048)["params"] > 69.7e6 * 1.03  # V1 itself is outside
     for rep in (v1s, v5s):
         assert abs(rep["params"] / 69.7e6 - 1) <= 0.03 and rep["gmacs"] <= 36.6
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()  # make pictures-v1s
+    flags = re.search(r"^V1S_SET := (.*?)\n(?!  )", makefile, re.M | re.S).group(1)
+    pairs = re.findall(r"--set model\.(\w+)=(\S+)", flags)
+    assert model_overrides([f"model.{k}={v}" for k, v in pairs]) == {**LCM_V1S, "ffn": 192}
     with pytest.raises(ConfigError, match="nope"):
         model_overrides(["model.nope=1"])
     with pytest.raises(ConfigError, match="only model"):

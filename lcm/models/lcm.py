@@ -26,10 +26,8 @@ What comes from the paper and what is our reconstruction:
     ``model.token_norm`` (LayerNorm on both token kinds, which puts them at the scale of the
     type, label and label-state embeddings); ``model.embed_init`` (those embeddings' init
     scale); ``model.prototype_score`` (``dot`` or ``cosine`` with a learned temperature).
-    The defaults are ``attend``, ``context``, the hygiene switches on and the FFN x0.75
-    (the comparison's ``lcm_v1s``, chosen by the rule in bench/results/redesign-rule.md); a
-    ``model.json`` without these keys is a model of the first reconstruction
-    (:data:`lcm.config.FIRST_RECONSTRUCTION`: ``dot``, ``sum``, hygiene off).
+    A ``model.json`` without these keys is a model of the first reconstruction
+    (:data:`lcm.config.FIRST_RECONSTRUCTION`).
 """
 
 from __future__ import annotations

@@ -20,11 +20,9 @@ from typing import Any
 from lcm.errors import ConfigError
 
 # The comparison's recipe (README "Results"): bench/compare_models.py uses the same two.
-# The model is the default design (lcm_v1s: the FFN x0.75 of 256 and the redesigned read).
 BASE_MODEL: dict[str, Any] = {
-    "arch": "lcm", "backbone": "resnet18", "dim": 128, "heads": 8, "ffn": 192, "depth": 3,
-    "dropout": 0.1, "mask_ratio": 0.1, "context_read": "attend", "readout": "context",
-    "token_norm": True, "embed_init": 1.0, "prototype_score": "cosine",
+    "arch": "lcm", "backbone": "resnet18", "dim": 128, "heads": 8, "ffn": 256, "depth": 3,
+    "dropout": 0.1, "mask_ratio": 0.1,
 }  # fmt: skip
 BASE_TRAIN: dict[str, Any] = {"lr": 2e-3, "weight_decay": 1e-4, "ema_decay": None, "amp": "auto"}
 BASE_LOSS: dict[str, Any] = {"alpha": 1.0, "beta": 0.1}
