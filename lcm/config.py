@@ -107,7 +107,7 @@ FIRST_RECONSTRUCTION: dict[str, Any] = {
 }  # fmt: skip
 # The redesign that won the screening and its confirmation against the first reconstruction
 # (docs/results.md: `lcm_v1s`), with the FFN x0.75 that keeps it in the paper's size. Not the
-# default: it reaches none of the issue's goals against `gap` and `q2l`, and lost to the first
+# default: it reaches none of the goals against `gap` and `q2l`, and lost to the first
 # reconstruction on both checks at other settings (the demo and the pictures' model).
 LCM_V1S: dict[str, Any] = {
     "context_read": "attend", "readout": "context", "token_norm": True, "embed_init": 1.0,
