@@ -106,13 +106,14 @@ FIRST_RECONSTRUCTION: dict[str, Any] = {
     "prototype_score": "dot",
 }  # fmt: skip
 # The redesign that won the screening and its confirmation against the first reconstruction
-# (docs/results.md: `lcm_v1s`), with the FFN x0.75 that keeps it in the paper's size. Not the
-# default: it reaches none of the goals against `gap` and `q2l`, and lost to the first
-# reconstruction on both checks at other settings (the demo and the pictures' model).
+# (docs/results.md: `lcm_v1s`), used with model.ffn x0.75 (192 at width 128, 1536 at 1024)
+# to stay in the paper's size. Not the default: it reaches none of the goals against `gap`
+# and `q2l`, and lost to the first reconstruction on both checks at other settings (the demo
+# and the pictures' model).
 LCM_V1S: dict[str, Any] = {
     "context_read": "attend", "readout": "context", "token_norm": True, "embed_init": 1.0,
     "prototype_score": "cosine",
-}  # fmt: skip (and model.ffn x0.75: 192 at width 128, 1536 at 1024)
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
