@@ -4,6 +4,7 @@ Run by hand (not part of the test suite):
 
     .venv/bin/python bench/bench_model.py            # full run, a few minutes on 2 cores
     .venv/bin/python bench/bench_model.py --quick    # resnet18 rows only
+    .venv/bin/python bench/bench_model.py --variant lcm_v1s --inference-only
 
 Inference: LCM vs ``gap`` at ResNet-101 / 448 px / batch 4 and ResNet-18 / 224 px / batch 32;
 the measured time ratio is printed beside the MAC ratio from ``model_report`` for the same
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.timing import interleaved, spread  # noqa: E402
-from lcm.config import LossConfig, ModelConfig, TrainConfig  # noqa: E402
+from lcm.config import LCM_V1S, LossConfig, ModelConfig, TrainConfig  # noqa: E402
 from lcm.models import build_model  # noqa: E402
 from lcm.models.complexity import model_report  # noqa: E402
 from lcm.trainer import TensorBatch, build_trainer, train_step  # noqa: E402
@@ -53,9 +54,10 @@ def bench_inference(cfg: ModelConfig, classes: int, size: int, batch: int, args)
     medians, raw = interleaved(
         {"lcm": run(lcm), "gap": run(gap)}, args.warmup, args.repeats, device
     )
-    report = model_report(cfg.backbone, classes, size, cfg.depth, dim=cfg.dim, ffn=cfg.ffn)
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("backbone", "depth")}
+    report = model_report(cfg.backbone, classes, size, cfg.depth, **fields)
     return {
-        "setting": f"{cfg.backbone} {size}px b{batch} D{cfg.dim}",
+        "setting": f"{cfg.backbone} {size}px b{batch} D{cfg.dim}{args.tag}",
         "a": medians["lcm"],
         "b": medians["gap"],
         "ratio": medians["lcm"] / medians["gap"],
@@ -100,7 +102,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="skip the ResNet-101 rows")
     parser.add_argument("--device", default="cpu", help="cpu (the reference) or cuda")
+    parser.add_argument(
+        "--variant",
+        choices=["default", "lcm_v1s"],
+        default="default",
+        help="the LCM configuration timed against gap: the default or lcm.config.LCM_V1S "
+        "(its FFN narrowed x0.75, as in bench/compare_models.py)",
+    )
+    parser.add_argument("--inference-only", action="store_true", help="skip the training rows")
     args = parser.parse_args()
+    args.tag = "" if args.variant == "default" else f" {args.variant}"
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -110,6 +121,8 @@ def main() -> None:
     )
 
     base = ModelConfig(arch="lcm", depth=3, dropout=0.1)
+    if args.variant == "lcm_v1s":
+        base = dataclasses.replace(base, **LCM_V1S, ffn=base.ffn * 3 // 4)
     r18 = dataclasses.replace(base, backbone="resnet18")
     r18_small = dataclasses.replace(r18, dim=256, ffn=512)
     r101 = dataclasses.replace(base, backbone="resnet101")
@@ -118,13 +131,16 @@ def main() -> None:
     )
 
     infer = [bench_inference(r18, args.classes, 224, 32, args)]
-    train = [
-        bench_train_step(r18, args.classes, 224, 4, args),
-        bench_train_step(r18_small, args.classes, 224, 4, args),
-    ]
+    train = []
+    if not args.inference_only:
+        train = [
+            bench_train_step(r18, args.classes, 224, 4, args),
+            bench_train_step(r18_small, args.classes, 224, 4, args),
+        ]
     if not args.quick:
         infer.insert(0, bench_inference(r101, args.classes, 448, 4, r101_args))
-        train.insert(0, bench_train_step(r101, args.classes, 448, 1, r101_args))
+        if not args.inference_only:
+            train.insert(0, bench_train_step(r101, args.classes, 448, 1, r101_args))
 
     print(f"\nInference, median s/batch (paper MAC ratio {PAPER_MAC_RATIO:.2f})")
     print(f"{'setting':<28} {'lcm':>8} {'gap':>8} {'ratio':>6} {'MACs':>6}  max/min")
@@ -133,6 +149,8 @@ def main() -> None:
             f"{r['setting']:<28} {r['a']:8.3f} {r['b']:8.3f} {r['ratio']:6.2f} "
             f"{r['mac_ratio']:6.2f}  {r['spread']}"
         )
+    if not train:
+        return
     print(
         "\nTraining step (AdamW), median s/step: branch (beta 0.1) vs none (beta 0); target <= 1.3"
     )
