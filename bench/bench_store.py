@@ -194,7 +194,7 @@ def main() -> None:
             labels = pa.table({"run_id": [run_id] * c, "label_id": pa.array(range(c), pa.int16()),
                                "name": names, "threshold": thresholds,
                                "threshold_source": ["bench"] * c})  # fmt: skip
-            t1 = timed(lambda: v1_append(v1_db, run_id, v1_parts, labels)) if v1 else 0.0  # noqa: B023
+            t1 = timed(lambda: v1_append(v1_db, run_id, v1_parts, labels)) if v1 else None  # noqa: B023
             t2 = timed(lambda: v2_append(v2_db, run_id, v2_parts))  # noqa: B023
             rows_total += n * c
             if night in checkpoints:
@@ -202,15 +202,17 @@ def main() -> None:
                 v1_parts_bytes = size_of([v1_db.parent / "parts"])
                 v2_bytes = size_of([v2_db, v2_db.with_name(v2_db.name + ".wal"), root])
                 row = {"night": night, "rows": rows_total, "append_v1_s": t1, "append_v2_s": t2,
-                       "bytes_per_row_v1_db": v1_bytes / rows_total,
-                       "bytes_per_row_v1_db_and_parts": (v1_bytes + v1_parts_bytes) / rows_total,
+                       "bytes_per_row_v1_db": v1_bytes / rows_total if v1 else None,
+                       "bytes_per_row_v1_db_and_parts":
+                           (v1_bytes + v1_parts_bytes) / rows_total if v1 else None,
                        "bytes_per_row_v2": v2_bytes / rows_total,
                        "load_average_1min": os.getloadavg()[0]}  # fmt: skip
                 report["nights"].append(row)
                 progress(json.dumps(row))
                 _save(args.out, report)
             elif night % 10 == 0:
-                progress(f"night {night}: append {t1:.2f} s (schema 1), {t2:.2f} s (schema 2)")
+                first = f"{t1:.2f} s (schema 1), " if v1 else ""
+                progress(f"night {night}: append {first}{t2:.2f} s (schema 2)")
         latest = f"scheduled-{start + timedelta(days=args.nights - 1):%Y-%m-%d}"
         last30 = ", ".join(f"'scheduled-{start + timedelta(days=d):%Y-%m-%d}'"
                            for d in range(max(0, args.nights - 30), args.nights))  # fmt: skip
@@ -249,13 +251,13 @@ def main() -> None:
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", [oldest])
             con.close()
 
-        t1 = timed(v1_delete) if v1 else 0.0
+        t1 = timed(v1_delete) if v1 else None
         after1 = size_of([v1_db, v1_db.with_name(v1_db.name + ".wal")])
         run_bytes = size_of([store.run_dir(root, oldest, 0).parent])  # every ordinal's files
         before2 = size_of([root])
         t2 = timed(lambda: prune(v2_db, keep_runs=args.nights - 1))
         report["delete_oldest"] = {
-            "v1_s": t1, "v1_bytes_returned": before1 - after1, "v2_s": t2,
+            "v1_s": t1, "v1_bytes_returned": before1 - after1 if v1 else None, "v2_s": t2,
             "v2_bytes_returned": before2 - size_of([root]), "v2_run_bytes": run_bytes,
         }  # fmt: skip
         progress(json.dumps(report["delete_oldest"]))
