@@ -15,7 +15,8 @@ weights) on the tier's val split after every epoch, which gives the curves.
 Arms: ``gap``; ``gap`` given LCM's MACs (more epochs); ``gap_mlp`` (an MLP head about as large
 as LCM's); ``lcm``; ``lcm_aux`` (LCM's auxiliary head, read from the same runs); ``lcm_sum``
 (fusion by sum); ``lcm_noctx`` (no context tokens); ``q2l``. All arms share one recipe; the
-recipe study then adds each switch alone to the plain recipe for LCM and ``gap``.
+recipe study then adds each switch alone to the plain recipe for LCM and ``gap`` (while the
+shared recipe is empty, the comparison's own runs are the plain ones and are not run twice).
 
 Statistics per arm and tier: mean and sd over seeds, the 95% interval of the difference to
 ``gap`` (paired by seed: t over the per-seed differences), the look-alike classes' AP. A run
@@ -249,13 +250,18 @@ def write_report(out: Path, rows: list[dict], roles: dict[str, dict], info: dict
         lines += ["### recipe study (interaction tier)", "",
                   "| arm | recipe | seeds | mAP | Δ vs plain [95% CI] | look-alike AP |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
+        main = [r for r in rows if r["tier"] == "interaction" and r["recipe"] == "recipe"]
         for arm in ("lcm", "gap"):
             plain = [r for r in study if r["arm"] == arm and r["recipe"] == "plain"]
-            for recipe in ["plain", *(f"plain+{s}" for s in SWITCHES), "recipe"]:
-                pool = study + [r for r in rows if r["tier"] == "interaction"]
-                sel = [r for r in pool if r["arm"] == arm and r["recipe"] == recipe
-                       and r["tier"] == "interaction"]  # fmt: skip
-                sel = list({r["key"]: r for r in sel}.values())
+            if not plain and not RECIPE:  # the comparison's runs are the plain recipe
+                plain = [r for r in main if r["arm"] == arm]
+            recipes = ["plain", *(f"plain+{s}" for s in SWITCHES), *(["recipe"] if RECIPE else [])]
+            for recipe in recipes:
+                if recipe == "plain":
+                    sel = plain
+                else:
+                    sel = [r for r in study + main if r["arm"] == arm and r["recipe"] == recipe]
+                    sel = list({r["key"]: r for r in sel}.values())
                 if not sel:
                     continue
                 m, sd = _stats([r["mAP"] for r in sel])
@@ -314,6 +320,8 @@ def plan(args: argparse.Namespace, ratio: float) -> list[Job]:
             for recipe in ["plain", *(f"plain+{s}" for s in SWITCHES)]:
                 if arm == "gap" and recipe in ("plain+reinit_layers", "plain+label_embed"):
                     continue  # nothing for these switches to act on
+                if recipe == "plain" and not RECIPE and arm in args.arms:
+                    continue  # with no shared recipe, plain is the comparison's own run
                 jobs.append(Job("interaction", arm, recipe, seed, args.epochs, args.batch))
     return jobs
 
