@@ -16,11 +16,19 @@ from lcm.export import ExportError, export_onnx
 from tests._engine_fixtures import cli_env, lcm_cmd
 
 
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """The trained model's raw and EMA weights exported once each (an export takes seconds):
+    {weights: (file, the exporter's result)}. Read-only."""
+    root = tmp_path_factory.mktemp("onnx")
+    return {w: (root / f"{w}.onnx", export_onnx(trained.model, root / f"{w}.onnx", weights=w))
+            for w in ("raw", "ema")}  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["raw", "ema"])
-def test_onnx_scores_match_pytorch_at_any_batch(trained, tmp_path, weights):
-    out = tmp_path / "model.onnx"
-    res = export_onnx(trained.model, out, weights=weights)
+def test_onnx_scores_match_pytorch_at_any_batch(trained, exported, weights):
+    out, res = exported[weights]
     assert set(res.max_abs_diff) == {1, 3}
     assert max(res.max_abs_diff.values()) < 1e-4
 
@@ -42,12 +50,10 @@ def test_onnx_scores_match_pytorch_at_any_batch(trained, tmp_path, weights):
 
 
 @pytest.mark.slow
-def test_raw_and_ema_exports_differ(trained, tmp_path):
-    export_onnx(trained.model, tmp_path / "raw.onnx", weights="raw")
-    export_onnx(trained.model, tmp_path / "ema.onnx", weights="ema")
+def test_raw_and_ema_exports_differ(exported):
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    raw = ort.InferenceSession(str(tmp_path / "raw.onnx")).run(None, {"images": x})[0]
-    ema = ort.InferenceSession(str(tmp_path / "ema.onnx")).run(None, {"images": x})[0]
+    raw = ort.InferenceSession(str(exported["raw"][0])).run(None, {"images": x})[0]
+    ema = ort.InferenceSession(str(exported["ema"][0])).run(None, {"images": x})[0]
     assert np.abs(raw - ema).max() > 1e-3
 
 
