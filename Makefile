@@ -36,13 +36,15 @@ demo: $(STAMP)
 	@$(BIN)/lcm query --db predictions/synth.duckdb "$(DEMO_SQL)"
 
 # Two workers (pytest-xdist), a test module to a worker: most tests wait on subprocesses,
-# servers and disk, so two at a time finish sooner even on two cores.
+# servers and disk, so two at a time finish sooner even on two cores. Modules go out in
+# collection order, longest first (tests/conftest.py), not xdist's most-tests-first.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15
 
 # Everything but the end-to-end tests marked slow (services, subprocesses, SIGKILL, DDP).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or a missing
 # page fails. The CLI reference is generated from the Typer app by docs/hooks.py.

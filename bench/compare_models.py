@@ -261,7 +261,6 @@ def write_report(out: Path, rows: list[dict], roles: dict[str, dict], info: dict
                     sel = plain
                 else:
                     sel = [r for r in study + main if r["arm"] == arm and r["recipe"] == recipe]
-                    sel = list({r["key"]: r for r in sel}.values())
                 if not sel:
                     continue
                 m, sd = _stats([r["mAP"] for r in sel])
