@@ -283,7 +283,7 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
     tiers = [t for t in TIERS if any(r["tier"] == t for r in rows)]  # no empty panels
     fig, axes = plt.subplots(1, len(tiers), figsize=(5.5 * len(tiers), 4), squeeze=False)
     for ax, tier in zip(axes[0], tiers, strict=True):
-        for arm in CURVE_ARMS:
+        for colour, arm in enumerate(CURVE_ARMS):  # an arm keeps its colour in every figure
             sel = [
                 r for r in rows if r["tier"] == tier and r["arm"] == arm and r["recipe"] == "recipe"
             ]
@@ -292,8 +292,8 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
             sel = [r for r in sel if len(r["curve"]) == len(sel[0]["curve"])]
             curves = 100 * np.asarray([r["curve"] for r in sel])
             epochs = sel[0].get("curve_epochs") or np.arange(1, curves.shape[1] + 1)
-            ax.plot(epochs, curves.mean(0), label=f"{arm} ({len(curves)} seeds)")
-            ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.15)
+            ax.plot(epochs, curves.mean(0), f"C{colour}", label=f"{arm} ({len(curves)} seeds)")
+            ax.fill_between(epochs, curves.min(0), curves.max(0), color=f"C{colour}", alpha=0.15)
         ax.set(title=f"{tier} tier", xlabel="epoch", ylabel="val mAP (raw weights)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
