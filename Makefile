@@ -18,11 +18,14 @@ export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: demo test test-fast lint format bench clean-demo studies pictures pictures-v1s docs
 
+# --no-compile: a module is byte-compiled when it is first imported, not all ~18k at install
+# (~45 s); so Python must be allowed to write that bytecode, whatever the caller's environment.
+unexport PYTHONDONTWRITEBYTECODE
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 # The demo's closing question to the prediction store (README: more worked queries): how

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,3 +134,28 @@ def cli_env(tmp: Path, api: str | None = None) -> dict[str, str]:
 
 def lcm_cmd(*args: str) -> list[str]:
     return [sys.executable, CLI, *args]
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 300) -> str:
+    """Run ``lcm *args`` to a zero exit and return what it printed. It runs in a process group
+    of its own: past ``timeout`` seconds every process of the group (DataLoader workers, curl)
+    gets SIGABRT and prints its threads' stacks (``PYTHONFAULTHANDLER``), then SIGKILL, and the
+    test fails with those stacks instead of waiting for pytest's per-test timeout."""
+    proc = subprocess.Popen(
+        lcm_cmd(*args), env={**env, "PYTHONFAULTHANDLER": "1"}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGABRT, 30), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                out, _ = proc.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        raise AssertionError(f"lcm {args[0]} ran past {timeout} s; its stacks:\n{out}") from None
+    assert proc.returncode == 0, f"lcm {args[0]} exited {proc.returncode}:\n{out}"
+    return out

@@ -21,7 +21,7 @@ import torch
 from lcm.data.indexing import index_shards
 from lcm.data.shards import eval_loader, is_remote, load_info, resolve_shards, train_loader
 from lcm.errors import DataError
-from tests._engine_fixtures import CLASSES, cli_env, free_port, lcm_cmd
+from tests._engine_fixtures import CLASSES, cli_env, free_port, run_cli
 from tests._predict_fixtures import fetch
 
 
@@ -161,11 +161,7 @@ def test_foreign_shards_get_an_info_file(served, trained, tmp_path):
 
 
 def _run(tmp_path, api, *args):
-    done = subprocess.run(
-        lcm_cmd(*args), env=cli_env(tmp_path, api), capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done
+    return run_cli(cli_env(tmp_path, api), *args)
 
 
 @pytest.mark.slow
