@@ -60,8 +60,11 @@ def merge_parts(
 
 
 def task_runner(kind: Literal["thread", "dask"], dask_address: str | None = None) -> Any:
-    """Threads run the shards one at a time in this process (the model already uses every
-    core); Dask spreads them over worker processes, here or on a cluster."""
+    """One thread runs the shards one at a time in this process: the model already uses every
+    core, and a shard's DataLoader forks its decoding workers, which must not happen while
+    another thread is inside a torch op (the child can inherit a held lock and hang in its
+    first ``torch.set_num_threads``). Dask spreads them over worker processes, here or on a
+    cluster."""
     if kind == "thread" and dask_address is None:
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_dask import DaskTaskRunner
@@ -93,7 +96,7 @@ def scheduled_run_id() -> str:
     return f"scheduled-{scheduled_date():%Y-%m-%d}"
 
 
-@flow(name="lcm-batch-predict")
+@flow(name="lcm-batch-predict", task_runner=task_runner("thread"))  # deployments run it too
 def batch_predict_flow(
     checkpoint: str,
     db: str,

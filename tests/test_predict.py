@@ -73,6 +73,34 @@ def test_scores_labels_and_targets_match_the_model(trained, tmp_path):
     assert fetch(db, "SELECT count(*) FROM scored")[0][0] == N_IMAGES * C
 
 
+def test_shards_are_scored_one_at_a_time(trained, tmp_path, monkeypatch):
+    """The thread runner scores one shard at a time: a shard's DataLoader forks its decoding
+    workers, and a fork while another thread is inside a torch op can leave the child hung in
+    its first ``torch.set_num_threads`` (seen with 2 workers and 4 shards on Prefect's default
+    thread pool, which ran all four at once)."""
+    import threading
+    import time
+
+    import lcm.predict
+
+    score_unit, lock, active, most = lcm.predict.score_unit, threading.Lock(), [0], [0]
+
+    def tracked(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.3)  # long enough for another thread to start a shard meanwhile
+            return score_unit(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(lcm.predict, "score_unit", tracked)
+    run = run_flow(trained.model, tmp_path / "p.duckdb", "r", shards=str(trained.shards))
+    assert run["n_shards"] == N_SHARDS and most[0] == 1
+
+
 @pytest.mark.slow
 def test_rerun_is_a_noop_another_model_is_refused_and_replace_swaps(trained, tmp_path):
     db = tmp_path / "p.duckdb"
