@@ -73,6 +73,7 @@ def test_scores_labels_and_targets_match_the_model(trained, tmp_path):
     assert fetch(db, "SELECT count(*) FROM scored")[0][0] == N_IMAGES * C
 
 
+@pytest.mark.slow
 def test_shards_are_scored_one_at_a_time(trained, tmp_path, monkeypatch):
     """The thread runner scores one shard at a time: a shard's DataLoader forks its decoding
     workers, and a fork while another thread is inside a torch op can leave the child hung in
