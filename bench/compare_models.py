@@ -292,7 +292,8 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
             sel = [r for r in sel if len(r["curve"]) == len(sel[0]["curve"])]
             curves = 100 * np.asarray([r["curve"] for r in sel])
             epochs = sel[0].get("curve_epochs") or np.arange(1, curves.shape[1] + 1)
-            ax.plot(epochs, curves.mean(0), f"C{colour}", label=f"{arm} ({len(curves)} seeds)")
+            seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
+            ax.plot(epochs, curves.mean(0), f"C{colour}", label=f"{arm} ({seeds})")
             ax.fill_between(epochs, curves.min(0), curves.max(0), color=f"C{colour}", alpha=0.15)
         ax.set(title=f"{tier} tier", xlabel="epoch", ylabel="val mAP (raw weights)")
         ax.grid(alpha=0.3)
