@@ -97,6 +97,9 @@ ARMS: dict[str, dict[str, Any]] = {
     # V5 (added after the first screening seed): V1's projected attention over the feature
     # map + position code instead of the prototypes' tokens; FFN x0.75 for the size band
     "lcm_v5s": {**V1, "context_read": "attend_map", "ffn": 192},
+    # V6 (rule addendum 4): V5 whose context-aware tokens read the feature map again inside
+    # every Transformer layer (model.reread), as Query2Label's queries do
+    "lcm_v6s": {**V1, "context_read": "attend_map", "reread": True, "ffn": 192},
     "q2l": {"arch": "q2l"},
 }
 TIERS = ("context", "interaction")

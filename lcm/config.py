@@ -97,13 +97,16 @@ class ModelConfig:
     token_norm: bool = False  # LayerNorm on the class-aware and context-aware tokens
     embed_init: float = 0.02  # init std of the type / label embeddings and label queries
     prototype_score: Literal["dot", "cosine"] = "dot"  # cosine: with a learned temperature
+    # The context-aware tokens read the latent context again at every Transformer layer
+    # (after its self-attention), queried by their current state (needs a label-query read).
+    reread: bool = False
 
 
 # What a model.json written before the redesign switches existed means by their absence: the
 # first reconstruction (checkpoint.load_meta fills them in, so such a model loads unchanged).
 FIRST_RECONSTRUCTION: dict[str, Any] = {
     "context_read": "dot", "readout": "sum", "token_norm": False, "embed_init": 0.02,
-    "prototype_score": "dot",
+    "prototype_score": "dot", "reread": False,
 }  # fmt: skip
 # The redesign that won the screening and its confirmation against the first reconstruction
 # (docs/results.md: `lcm_v1s`), used with model.ffn x0.75 (192 at width 128, 1536 at 1024)

@@ -74,16 +74,38 @@ class LabelQueryRead(nn.Module):
     def forward(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """``keys``, ``values`` (B, N, D) -> read features (B, C, D) and the head-averaged
         attention weights (B, C, N)."""
-        q, k, v = self.queries, keys, values
+        return self.attend(self.memory(keys, values))
+
+    def memory(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, N, D), projected and split into heads -> two (B, H, N, D/H).
+
+        Computed once per image and read by :meth:`attend` as often as needed
+        (``model.reread``)."""
         if self.proj:
-            q, k, v = self.proj["q"](q), self.proj["k"](k), self.proj["v"](v)
-        b, n, d = k.shape
+            keys, values = self.proj["k"](keys), self.proj["v"](values)
+        b, n, d = keys.shape
         h = self.heads
-        qh = q.reshape(-1, h, d // h).transpose(0, 1)  # (H, C, D/H)
-        kh = k.reshape(b, n, h, d // h).transpose(1, 2)  # (B, H, N, D/H)
-        vh = v.reshape(b, n, h, d // h).transpose(1, 2)  # (B, H, N, D/H)
-        weights = (qh @ kh.transpose(-1, -2) / math.sqrt(d // h)).softmax(dim=-1)  # (B, H, C, N)
-        out = (weights @ vh).transpose(1, 2).reshape(b, -1, d)  # (B, C, D)
+        kh = keys.reshape(b, n, h, d // h).transpose(1, 2)  # (B, H, N, D/H)
+        vh = values.reshape(b, n, h, d // h).transpose(1, 2)  # (B, H, N, D/H)
+        return kh, vh
+
+    def attend(
+        self, memory: tuple[Tensor, Tensor], queries: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Read ``memory`` (from :meth:`memory`) with the learned label queries, or with
+        ``queries`` (B, C, D) given -> read features (B, C, D), head-averaged weights
+        (B, C, N)."""
+        kh, vh = memory
+        b, h, _, dh = kh.shape
+        q = self.queries if queries is None else queries
+        if self.proj:
+            q = self.proj["q"](q)
+        if queries is None:
+            qh = q.reshape(-1, h, dh).transpose(0, 1)  # (H, C, D/H), shared by the batch
+        else:
+            qh = q.reshape(b, -1, h, dh).transpose(1, 2)  # (B, H, C, D/H)
+        weights = (qh @ kh.transpose(-1, -2) / math.sqrt(dh)).softmax(dim=-1)  # (B, H, C, N)
+        out = (weights @ vh).transpose(1, 2).reshape(b, -1, h * dh)  # (B, C, D)
         if self.proj:
             out = self.proj["out"](out)
         return out, weights.mean(dim=1)

@@ -25,7 +25,11 @@ What comes from the paper and what is our reconstruction:
     context half only, so a class's own appearance reaches its logit only through attention);
     ``model.token_norm`` (LayerNorm on both token kinds, which puts them at the scale of the
     type, label and label-state embeddings); ``model.embed_init`` (those embeddings' init
-    scale); ``model.prototype_score`` (``dot`` or ``cosine`` with a learned temperature).
+    scale); ``model.prototype_score`` (``dot`` or ``cosine`` with a learned temperature);
+    ``model.reread`` (the context-aware tokens read the latent context again inside every
+    Transformer layer, between its self-attention and its feed-forward block, through the
+    same read module queried by their current state, as Query2Label's queries read the
+    feature map at every decoder layer; the memory's keys and values are projected once).
     A ``model.json`` without these keys is a model of the first reconstruction
     (:data:`lcm.config.FIRST_RECONSTRUCTION`).
 """
@@ -89,6 +93,11 @@ class LCM(nn.Module):
             raise ConfigError(f"model.prototypes must be positive or null, got {cfg.prototypes}")
         if cfg.readout == "context" and (cfg.fusion != "cat" or not cfg.context_tokens):
             raise ConfigError("model.readout: context needs model.fusion: cat and context tokens")
+        if cfg.reread and (cfg.context_read == "dot" or cfg.fusion != "cat"
+                           or not cfg.context_tokens):  # fmt: skip
+            raise ConfigError("model.reread needs a label-query read (model.context_read: "
+                              "attend, direct or attend_map), model.fusion: cat and context "
+                              "tokens")  # fmt: skip
         on_map = cfg.context_read in ON_MAP
         if on_map and cfg.dim % 4:
             raise ConfigError(f"model.dim ({cfg.dim}) must be divisible by 4 for the direct "
@@ -101,6 +110,7 @@ class LCM(nn.Module):
         self.mask_ratio = cfg.mask_ratio
         self.context_read = cfg.context_read
         self.readout = cfg.readout
+        self.reread = cfg.reread
 
         self.backbone = create_backbone(cfg.backbone, cfg.pretrained)
         channels = self.backbone.out_channels
@@ -139,6 +149,9 @@ class LCM(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         if cfg.reinit_layers:
             reinit_layers(self.transformer.layers)
+        if cfg.reread:  # the residual read's own post-norm in each layer
+            self.reread_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(cfg.depth))
+            self.reread_dropout = nn.Dropout(cfg.dropout)
         self.context_tokens = cfg.context_tokens
         # [ours] the paper describes no label-identity embedding: with near-identical tokens
         # (small feature maps) it tells the Transformer whose token it is looking at.
@@ -169,20 +182,24 @@ class LCM(nn.Module):
 
         Keys: ``feature_map`` (B, C_b, h, w); ``class_attention`` A (B, C, h, w), each class's
         spatial softmax; ``context_map`` (B, C, h, w), the spatial map a class reaches through
-        its context read (sums to 1); ``f_cls``, ``f_ctx``, ``z`` (B, C, D) (the tokens as the
+        its context read (sums to 1; with ``model.reread`` the last layer's read); ``f_cls``, ``f_ctx``, ``z`` (B, C, D) (the tokens as the
         Transformer gets them, and its output as the head reads it); ``logits`` (B, C). With
         prototypes also ``context_assign`` (B, K, h, w), each prototype's spatial softmax,
         ``context_attention`` (B, C, K), each class's weights over the context tokens, and
         ``context`` (B, K, D).
         """
         feats = self._embed(images)
-        z = self._correlate(feats["f_cls"], feats["f_ctx"])
+        z, reread_weights = self._correlate(feats["f_cls"], feats["f_ctx"], feats.get("memory"))
         h, w = feats["feature_map"].shape[-2:]
         b = images.shape[0]
+        context_map = feats["context_map"]
+        if reread_weights is not None:  # the last layer's read, the one nearest the logits
+            on_map = "context_assign" not in feats
+            context_map = reread_weights if on_map else reread_weights @ feats["context_assign"]
         out = {
             "feature_map": feats["feature_map"],
             "class_attention": feats["class_attention"].reshape(b, -1, h, w),
-            "context_map": feats["context_map"].reshape(b, -1, h, w),
+            "context_map": context_map.reshape(b, -1, h, w),
             "f_cls": feats["f_cls"],
             "f_ctx": feats["f_ctx"],
             "z": z,
@@ -196,14 +213,14 @@ class LCM(nn.Module):
 
     def forward(self, images: Tensor, targets: Tensor | None = None) -> ModelOutput:
         feats = self._embed(images)
-        f_cls, f_ctx = feats["f_cls"], feats["f_ctx"]  # (B, C, D) each
+        f_cls, f_ctx, memory = feats["f_cls"], feats["f_ctx"], feats.get("memory")  # (B, C, D)
         out = ModelOutput(
-            logits=self.head(self._correlate(f_cls, f_ctx)),
+            logits=self.head(self._correlate(f_cls, f_ctx, memory)[0]),
             aux_logits=self.aux_head(f_cls),
         )
         if self.training and targets is not None and self.branch:
             states, hidden = self.sample_label_states(targets)
-            z_mask = self._correlate(f_cls + self.state_embed(states), f_ctx)
+            z_mask, _ = self._correlate(f_cls + self.state_embed(states), f_ctx, memory)
             out.mask_logits = self.head(z_mask)
             out.hidden = hidden
         return out
@@ -236,7 +253,8 @@ class LCM(nn.Module):
             # direct: the values are the features themselves; attend_map: the projected
             # keys, position included, as Query2Label's memory
             values = x if self.context_read == "direct" else keys
-            f_ctx, context_map = self.read(keys, values)  # (B, C, D), (B, C, HW)
+            memory = self.read.memory(keys, values)
+            f_ctx, context_map = self.read.attend(memory)  # (B, C, D), (B, C, HW)
         else:
             context, assign = pool_context(x, self.prototypes, self.log_temperature)
             if self.context_read == "dot":
@@ -245,31 +263,57 @@ class LCM(nn.Module):
                 f_ctx = attn_ctx @ context  # (B, C, D)
             else:  # attend
                 read = self.norm_read(context)
-                f_ctx, attn_ctx = self.read(read, read)  # (B, C, D), (B, C, K)
+                memory = self.read.memory(read, read)
+                f_ctx, attn_ctx = self.read.attend(memory)  # (B, C, D), (B, C, K)
             context_map = attn_ctx @ assign  # (B, C, HW)
             feats |= {"context_assign": assign, "context_attention": attn_ctx,
                       "context": context}  # fmt: skip
         feats |= {"f_cls": self.norm_cls(f_cls), "f_ctx": self.norm_ctx(f_ctx),
                   "context_map": context_map}  # fmt: skip
+        if self.reread:
+            feats["memory"] = memory
         return feats
 
     def output_biases(self) -> list[Tensor]:
         return [self.head.bias, self.aux_head.bias]
 
-    def _correlate(self, f_cls: Tensor, f_ctx: Tensor) -> Tensor:
-        """Fuse the two token kinds and run the label-correlation Transformer -> (B, C, D)."""
+    def _correlate(
+        self, f_cls: Tensor, f_ctx: Tensor, memory: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Fuse the two token kinds and run the label-correlation Transformer -> (B, C, D),
+        and with ``model.reread`` the last layer's read weights (B, C, N), else ``None``."""
         if self.label_embed is not None:
             f_cls, f_ctx = f_cls + self.label_embed, f_ctx + self.label_embed
         if not self.context_tokens:  # control: the class-aware tokens alone
-            return self.transformer(f_cls)  # (B, C, D)
+            return self.transformer(f_cls), None  # (B, C, D)
         if self.fusion == "sum":
-            return self.transformer(f_cls + f_ctx)  # (B, C, D)
+            return self.transformer(f_cls + f_ctx), None  # (B, C, D)
         tokens = torch.cat([f_cls + self.type_embed[0], f_ctx + self.type_embed[1]], dim=1)
-        z = self.transformer(tokens)  # (B, 2C, D)
+        weights = None
+        if self.reread:
+            z, weights = self._reread(tokens, memory)  # (B, 2C, D), (B, C, N)
+        else:
+            z = self.transformer(tokens)  # (B, 2C, D)
         c = self.num_classes
         if self.readout == "context":  # the class-aware half informs it through attention
-            return z[:, c:]  # (B, C, D)
-        return z[:, :c] + z[:, c:]  # (B, C, D): each class's two tokens summed back
+            return z[:, c:], weights  # (B, C, D)
+        return z[:, :c] + z[:, c:], weights  # (B, C, D): each class's two tokens summed back
+
+    def _reread(self, tokens: Tensor, memory: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """The Transformer's layers with a read of the latent context inside each: post-norm
+        self-attention over all 2C tokens, then the context-aware half reads ``memory``
+        queried by its current state, then the feed-forward block -> tokens (B, 2C, D) and
+        the last read's weights (B, C, N)."""
+        c = self.num_classes
+        weights = tokens.new_empty(0)
+        for layer, norm in zip(self.transformer.layers, self.reread_norms, strict=True):
+            attended = layer.self_attn(tokens, tokens, tokens, need_weights=False)[0]
+            x = layer.norm1(tokens + layer.dropout1(attended))
+            read, weights = self.read.attend(memory, x[:, c:])  # (B, C, D), (B, C, N)
+            x = torch.cat([x[:, :c], norm(x[:, c:] + self.reread_dropout(read))], dim=1)
+            ff = layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+            tokens = layer.norm2(x + layer.dropout2(ff))
+        return tokens, weights
 
 
 def reinit_layers(layers: nn.ModuleList) -> None:
