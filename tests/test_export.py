@@ -90,7 +90,7 @@ def test_cli_prints_the_differences_and_errors_are_one_line(trained, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("read", ["attend", "direct", "attend_map"])
+@pytest.mark.parametrize("read", ["attend", "direct", "attend_map", "attend_map+reread"])
 def test_onnx_of_each_latent_context_read_matches_pytorch(tmp_path, read):
     """The redesign's reads (lcm.models.context), whichever is the default: the exporter's
     own check (batches 1 and 3, within 1e-4) and a batch it never saw."""
@@ -99,8 +99,10 @@ def test_onnx_of_each_latent_context_read_matches_pytorch(tmp_path, read):
     from lcm.models import build_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=32, heads=4, ffn=32, depth=1, context_read=read, readout="context",
-                      token_norm=True, embed_init=1.0, prototype_score="cosine")  # fmt: skip
+    read, _, reread = read.partition("+")
+    cfg = ModelConfig(dim=32, heads=4, ffn=32, depth=2, context_read=read, readout="context",
+                      token_norm=True, embed_init=1.0, prototype_score="cosine",
+                      reread=bool(reread))  # fmt: skip
     classes = ("a", "b", "c")
     save_model(tmp_path / "m", build_model(cfg, len(classes)),
                ModelMeta(cfg, classes, 64, (0.5,) * 3, (0.25,) * 3, {}), None)  # fmt: skip

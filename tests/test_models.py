@@ -48,6 +48,7 @@ DESIGNS = {
     "first": FIRST_RECONSTRUCTION,
     "attend": {"context_read": "attend", "readout": "context", **HYGIENE},
     "direct": {"context_read": "direct", "readout": "context", **HYGIENE},
+    "reread": {"context_read": "attend_map", "readout": "context", "reread": True, **HYGIENE},
 }
 
 
@@ -59,9 +60,10 @@ def random_batch(n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     return images, targets
 
 
-def count_transformer_calls(model: LCM) -> list[int]:
+def count_passes(model: LCM) -> list[int]:
+    """Passes through the label-correlation Transformer: each ends in the main head."""
     calls = [0]
-    model.transformer.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    model.head.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 
@@ -102,6 +104,10 @@ def assert_trains(
         {"arch": "lcm", "context_read": "direct", "label_embed": True, "token_norm": True},
         {"arch": "lcm", "context_read": "direct", "fusion": "sum", "readout": "sum"},
         {"arch": "lcm", "context_read": "attend_map", "readout": "context", **HYGIENE},
+        {"arch": "lcm", "context_read": "attend_map", "readout": "context", "reread": True,
+         **HYGIENE},  # fmt: skip
+        {"arch": "lcm", "context_read": "attend", "reread": True, "prototypes": 3},
+        {"arch": "lcm", "context_read": "direct", "reread": True, "readout": "sum"},
         {"arch": "gap"},
         {"arch": "gap_mlp", "mlp_hidden": 16},
         {"arch": "q2l", "reinit_layers": True},
@@ -144,7 +150,7 @@ def test_lcm_outputs_by_mode() -> None:
 def test_eval_ignores_targets(design: str) -> None:
     torch.manual_seed(0)
     model = build_model(tiny(dropout=0.1, mask_ratio=0.5, **DESIGNS[design]), C).eval()
-    calls = count_transformer_calls(model)
+    calls = count_passes(model)
     images, targets = random_batch()
     with torch.no_grad():
         plain = model(images)
@@ -160,7 +166,7 @@ def test_eval_ignores_targets(design: str) -> None:
 def test_branch_flag_controls_second_pass(branch: bool, passes: int, design: str) -> None:
     torch.manual_seed(0)
     model = build_model(tiny(**DESIGNS[design]), C, branch=branch).train()
-    calls = count_transformer_calls(model)
+    calls = count_passes(model)
     images, targets = random_batch()
     out = model(images, targets)
     assert calls[0] == passes
@@ -274,6 +280,36 @@ def test_forward_features_of_the_label_query_reads(read: str) -> None:
     torch.testing.assert_close(feats["z"], z[:, C:])
 
 
+@pytest.mark.parametrize("read", ["attend", "attend_map"])
+def test_reread_reads_inside_every_layer(read: str) -> None:
+    """``model.reread``: one read before the Transformer and one inside each layer, queried by
+    the tokens' state; the same weights without the switch give other logits."""
+    torch.manual_seed(0)
+    cfg = tiny(context_read=read, readout="context", reread=True, depth=3, **HYGIENE)
+    model = build_model(cfg, C).eval()
+    images, _ = random_batch()
+    queried: list[bool] = []
+    attend = model.read.attend
+    model.read.attend = lambda memory, queries=None: (queried.append(queries is not None),
+                                                      attend(memory, queries))[1]  # fmt: skip
+    with torch.no_grad():
+        feats = model.forward_features(images)
+        logits = model(images).logits
+    assert queried == [False, True, True, True] * 2  # forward_features, then forward
+    h = w = SIZE // 32
+    assert feats["context_map"].shape == (2, C, h, w)
+    torch.testing.assert_close(feats["context_map"].sum(dim=(2, 3)), torch.ones(2, C))
+    torch.testing.assert_close(feats["logits"], logits)
+    once = build_model(dataclasses.replace(cfg, reread=False), C).eval()
+    missing, unexpected = once.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith("reread_norms") for k in unexpected)
+    with torch.no_grad():
+        assert not torch.allclose(once(images).logits, logits, atol=1e-3)
+        # each image's tokens read its own feature map: the first image twice scores as before
+        other = model(torch.cat([images[:1], images[:1]])).logits
+    torch.testing.assert_close(other[0], logits[0])
+
+
 def test_redesign_switches_checked() -> None:
     with pytest.raises(ConfigError, match="readout: context needs"):
         build_model(tiny(readout="context", fusion="sum"), C)
@@ -281,6 +317,10 @@ def test_redesign_switches_checked() -> None:
         build_model(tiny(readout="context", context_tokens=False), C)
     with pytest.raises(ConfigError, match="divisible by 4"):
         build_model(tiny(context_read="direct", dim=34, heads=2), C)
+    with pytest.raises(ConfigError, match="model.reread needs"):
+        build_model(tiny(reread=True), C)  # the parameter-free read has no queries
+    with pytest.raises(ConfigError, match="model.reread needs"):
+        build_model(tiny(context_read="attend", reread=True, fusion="sum"), C)
 
 
 def test_gap_class_activation_maps() -> None:
@@ -346,8 +386,11 @@ def test_the_redesign_variants_sizes_against_the_papers_band() -> None:
     v1s = model_report(**LCM_V1S, ffn=1536)
     assert v1s == model_report(**v1, prototype_score="cosine", ffn=1536)
     v5s = model_report(**model_overrides(["model.context_read=attend_map", *hygiene]), ffn=1536)
+    v6s = model_report(**model_overrides(["model.context_read=attend_map", "model.reread=true",
+                                          *hygiene]), ffn=1536)  # fmt: skip
+    assert v6s["params"] > v5s["params"] and v6s["gmacs"] > v5s["gmacs"]  # reads 3x more
     assert model_report(**v1, ffn=2048)["params"] > 69.7e6 * 1.03  # V1 itself is outside
-    for rep in (v1s, v5s):
+    for rep in (v1s, v5s, v6s):
         assert abs(rep["params"] / 69.7e6 - 1) <= 0.03 and rep["gmacs"] <= 36.6
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()  # make pictures-v1s
     flags = re.search(r"^V1S_SET := (.*?)\n(?!  )", makefile, re.M | re.S).group(1)
