@@ -101,6 +101,15 @@ ARMS: dict[str, dict[str, Any]] = {
     # every Transformer layer (model.reread), as Query2Label's queries do
     "lcm_v6s": {**V1, "context_read": "attend_map", "reread": True, "ffn": 192},
     "q2l": {"arch": "q2l"},
+    # rule addendum 5: V5 trained by the main head's loss alone (no auxiliary loss on the
+    # class-aware features; and no partial-label branch either), as q2l and gap are trained
+    "lcm_v5s_a0": {**V1, "context_read": "attend_map", "ffn": 192},
+    "lcm_v5s_a0b0": {**V1, "context_read": "attend_map", "ffn": 192},
+}
+# Loss weights of the arms that do not train with the paper's (alpha 1; beta 0.1 for LCM)
+ARM_LOSS: dict[str, dict[str, float]] = {
+    "lcm_v5s_a0": {"alpha": 0.0},
+    "lcm_v5s_a0b0": {"alpha": 0.0, "beta": 0.0},
 }
 TIERS = ("context", "interaction")
 CURVE_ARMS = ("gap", "gap_mlp", "lcm", "lcm_v1s", "lcm_v2", "q2l")  # those present are drawn
@@ -138,7 +147,7 @@ def job_params(job: Job, size: int, device: str) -> Any:
         "model": {**MODEL, **ARMS[job.arm]},
         "train": {**TRAIN, "epochs": job.epochs, "batch_size": job.batch, "image_size": size,
                   "seed": job.seed, "device": device},
-        "loss": {"beta": 0.1 if job.arm.startswith("lcm") else 0.0},
+        "loss": {"beta": 0.1 if job.arm.startswith("lcm") else 0.0, **ARM_LOSS.get(job.arm, {})},
     }  # fmt: skip
     return params_from_dict(_merge(base, recipe))
 
