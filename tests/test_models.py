@@ -104,8 +104,7 @@ def assert_trains(
         {"arch": "lcm", "context_read": "direct", "label_embed": True, "token_norm": True},
         {"arch": "lcm", "context_read": "direct", "fusion": "sum", "readout": "sum"},
         {"arch": "lcm", "context_read": "attend_map", "readout": "context", **HYGIENE},
-        {"arch": "lcm", "context_read": "attend_map", "readout": "context", "reread": True,
-         **HYGIENE},  # fmt: skip
+        {"arch": "lcm", **DESIGNS["reread"]},
         {"arch": "lcm", "context_read": "attend", "reread": True, "prototypes": 3},
         {"arch": "lcm", "context_read": "direct", "reread": True, "readout": "sum"},
         {"arch": "gap"},

@@ -182,11 +182,11 @@ class LCM(nn.Module):
 
         Keys: ``feature_map`` (B, C_b, h, w); ``class_attention`` A (B, C, h, w), each class's
         spatial softmax; ``context_map`` (B, C, h, w), the spatial map a class reaches through
-        its context read (sums to 1; with ``model.reread`` the last layer's read); ``f_cls``, ``f_ctx``, ``z`` (B, C, D) (the tokens as the
-        Transformer gets them, and its output as the head reads it); ``logits`` (B, C). With
-        prototypes also ``context_assign`` (B, K, h, w), each prototype's spatial softmax,
-        ``context_attention`` (B, C, K), each class's weights over the context tokens, and
-        ``context`` (B, K, D).
+        its context read (sums to 1; with ``model.reread`` the last layer's read); ``f_cls``,
+        ``f_ctx``, ``z`` (B, C, D) (the tokens as the Transformer gets them, and its output as
+        the head reads it); ``logits`` (B, C). With prototypes also ``context_assign``
+        (B, K, h, w), each prototype's spatial softmax, ``context_attention`` (B, C, K), each
+        class's weights over the context tokens, and ``context`` (B, K, D).
         """
         feats = self._embed(images)
         z, reread_weights = self._correlate(feats["f_cls"], feats["f_ctx"], feats.get("memory"))
