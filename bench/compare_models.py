@@ -105,11 +105,16 @@ ARMS: dict[str, dict[str, Any]] = {
     # class-aware features; and no partial-label branch either), as q2l and gap are trained
     "lcm_v5s_a0": {**V1, "context_read": "attend_map", "ffn": 192},
     "lcm_v5s_a0b0": {**V1, "context_read": "attend_map", "ffn": 192},
+    # rule addendum 6: the same loss (alpha 0) with the first reconstruction and with V1s
+    "lcm_a0": {"arch": "lcm", **FIRST_RECONSTRUCTION},
+    "lcm_v1s_a0": {**V1, "ffn": 192},
 }
 # Loss weights of the arms that do not train with the paper's (alpha 1; beta 0.1 for LCM)
 ARM_LOSS: dict[str, dict[str, float]] = {
     "lcm_v5s_a0": {"alpha": 0.0},
     "lcm_v5s_a0b0": {"alpha": 0.0, "beta": 0.0},
+    "lcm_a0": {"alpha": 0.0},
+    "lcm_v1s_a0": {"alpha": 0.0},
 }
 TIERS = ("context", "interaction")
 CURVE_ARMS = ("gap", "gap_mlp", "lcm", "lcm_v1s", "lcm_v2", "q2l")  # those present are drawn
