@@ -104,10 +104,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (the reference) or cuda")
     parser.add_argument(
         "--variant",
-        choices=["default", "lcm_v1s"],
+        choices=["default", "lcm_v1s", "lcm_v5s"],
         default="default",
-        help="the LCM configuration timed against gap: the default or lcm.config.LCM_V1S "
-        "(its FFN narrowed x0.75, as in bench/compare_models.py)",
+        help="the LCM configuration timed against gap: the default, lcm.config.LCM_V1S or "
+        "lcm_v5s (LCM_V1S reading the feature map: context_read attend_map); both with the "
+        "FFN narrowed x0.75, as in bench/compare_models.py",
     )
     parser.add_argument("--inference-only", action="store_true", help="skip the training rows")
     args = parser.parse_args()
@@ -121,8 +122,10 @@ def main() -> None:
     )
 
     base = ModelConfig(arch="lcm", depth=3, dropout=0.1)
-    if args.variant == "lcm_v1s":
+    if args.variant in ("lcm_v1s", "lcm_v5s"):
         base = dataclasses.replace(base, **LCM_V1S, ffn=base.ffn * 3 // 4)
+    if args.variant == "lcm_v5s":
+        base = dataclasses.replace(base, context_read="attend_map")
     r18 = dataclasses.replace(base, backbone="resnet18")
     r18_small = dataclasses.replace(r18, dim=256, ffn=512)
     r101 = dataclasses.replace(base, backbone="resnet101")
