@@ -222,10 +222,11 @@ def write_report(out: Path, rows: list[dict], roles: dict[str, dict], info: dict
         if not tier_rows:
             continue
         base = [r for r in tier_rows if r["arm"] == "gap" and r["recipe"] == "recipe"]
+        q2l = [r for r in tier_rows if r["arm"] == "q2l" and r["recipe"] == "recipe"]
         lines += [f"### {tier} tier", "",
                   "| arm | seeds | epochs | GMACs / image | mAP | Δ mAP vs gap [95% CI] | "
-                  "look-alike AP | train mAP | train look-alike AP |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "Δ mAP vs q2l [95% CI] | look-alike AP | train mAP | train look-alike AP |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for arm in [*ARMS, "lcm_aux"]:
             src = "lcm" if arm == "lcm_aux" else arm
             arm_rows = [r for r in tier_rows if r["arm"] == src and r["recipe"] == "recipe"]
@@ -243,6 +244,7 @@ def write_report(out: Path, rows: list[dict], roles: dict[str, dict], info: dict
                 f"| {arm} | {len(arm_rows)} | {arm_rows[0]['epochs']} | "
                 f"{info['gmacs'][tier][src]:.3f} | {m:.1f} ± {sd:.1f} | "
                 f"{_diff_ci(arm_rows, base, key) if arm != 'gap' else '-'} | "
+                f"{_diff_ci(arm_rows, q2l, key) if arm != 'q2l' else '-'} | "
                 f"{la[0]:.1f} ± {la[1]:.1f} | {train} |"
             )
         lines.append("")

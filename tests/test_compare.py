@@ -30,7 +30,7 @@ def test_comparison_smoke_run_writes_table_curves_and_resumes(tmp_path):
     assert all(0 <= r["train_mAP"] <= 1 for r in rows)  # the train split beside val
     table = (tmp_path / "table.md").read_text()
     assert "| lcm_aux | 2 |" in table and "| lcm | plain+head_lr | 2 |" in table
-    assert "train look-alike AP" in table
+    assert "train look-alike AP" in table and "Δ mAP vs q2l" in table
     assert (tmp_path / "curves.png").stat().st_size > 0
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "0 runs to do" in again.stdout
