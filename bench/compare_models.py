@@ -117,7 +117,8 @@ ARM_LOSS: dict[str, dict[str, float]] = {
     "lcm_v1s_a0": {"alpha": 0.0},
 }
 TIERS = ("context", "interaction")
-CURVE_ARMS = ("gap", "gap_mlp", "lcm", "lcm_v1s", "lcm_v2", "q2l")  # those present are drawn
+# those present are drawn, each in its own colour in every figure
+CURVE_ARMS = ("gap", "gap_mlp", "lcm", "lcm_v1s", "lcm_v2", "q2l", "lcm_v5s_a0")
 
 
 @dataclass(frozen=True)
