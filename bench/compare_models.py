@@ -79,35 +79,38 @@ SWITCHES = {
 HYGIENE = {"token_norm": True, "embed_init": 1.0, "prototype_score": "cosine"}
 V1 = {"arch": "lcm", "context_read": "attend", "readout": "context", **HYGIENE}
 V2 = {"arch": "lcm", "context_read": "direct", "readout": "context", **HYGIENE}
+V1S = {**V1, "ffn": 192}  # FFN x0.75 (2048 -> 1536 at scale): 71.4M, inside the size band
+# V5: V1's projected attention over the feature map + position code instead of the
+# prototypes' tokens; FFN x0.75 for the size band
+V5S = {**V1, "context_read": "attend_map", "ffn": 192}
+FIRST = {"arch": "lcm", **FIRST_RECONSTRUCTION}
 ARMS: dict[str, dict[str, Any]] = {
     "gap": {"arch": "gap"},
     "gap_eqmacs": {"arch": "gap"},  # epochs scaled by LCM's MACs / gap's
     "gap_mlp": {"arch": "gap_mlp", "mlp_hidden": 512},
     # the first reconstruction, spelled out: BASE_MODEL holds the current default
-    "lcm": {"arch": "lcm", **FIRST_RECONSTRUCTION},
+    "lcm": FIRST,
     "lcm_sum": {"arch": "lcm", **FIRST_RECONSTRUCTION, "fusion": "sum"},
     "lcm_noctx": {"arch": "lcm", **FIRST_RECONSTRUCTION, "context_tokens": False},
     # the redesign's variants (README "Results": screening)
     "lcm_hyg": {"arch": "lcm", **FIRST_RECONSTRUCTION, **HYGIENE},  # today's read, hygiene
     "lcm_v1": V1,  # 74.5M at ResNet-101 scale: outside the paper's +-3%
-    "lcm_v1s": {**V1, "ffn": 192},  # FFN x0.75 (2048 -> 1536 at scale): 71.4M, inside
+    "lcm_v1s": V1S,
     "lcm_v2": V2,
     "lcm_v2_sum": {**V2, "readout": "sum"},  # the readout's share of V2
     "lcm_v2_lab": {**V2, "label_embed": True},  # V2 with a label-identity embedding
-    # V5 (added after the first screening seed): V1's projected attention over the feature
-    # map + position code instead of the prototypes' tokens; FFN x0.75 for the size band
-    "lcm_v5s": {**V1, "context_read": "attend_map", "ffn": 192},
+    "lcm_v5s": V5S,  # added after the first screening seed
     # V6 (rule addendum 4): V5 whose context-aware tokens read the feature map again inside
     # every Transformer layer (model.reread), as Query2Label's queries do
-    "lcm_v6s": {**V1, "context_read": "attend_map", "reread": True, "ffn": 192},
+    "lcm_v6s": {**V5S, "reread": True},
     "q2l": {"arch": "q2l"},
     # rule addendum 5: V5 trained by the main head's loss alone (no auxiliary loss on the
     # class-aware features; and no partial-label branch either), as q2l and gap are trained
-    "lcm_v5s_a0": {**V1, "context_read": "attend_map", "ffn": 192},
-    "lcm_v5s_a0b0": {**V1, "context_read": "attend_map", "ffn": 192},
+    "lcm_v5s_a0": V5S,
+    "lcm_v5s_a0b0": V5S,
     # rule addendum 6: the same loss (alpha 0) with the first reconstruction and with V1s
-    "lcm_a0": {"arch": "lcm", **FIRST_RECONSTRUCTION},
-    "lcm_v1s_a0": {**V1, "ffn": 192},
+    "lcm_a0": FIRST,
+    "lcm_v1s_a0": V1S,
 }
 # Loss weights of the arms that do not train with the paper's (alpha 1; beta 0.1 for LCM)
 ARM_LOSS: dict[str, dict[str, float]] = {
