@@ -16,7 +16,7 @@ export PREFECT_LOGGING_LEVEL := WARNING
 export DVC_NO_ANALYTICS := 1
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test test-fast lint format bench clean-demo studies pictures pictures-v1s docs
+.PHONY: demo test test-fast lint format bench clean-demo studies pictures pictures-v1s pictures-v5s docs
 
 # Byte-compiled on every core after the install instead of one file at a time by pip (27 s
 # instead of 46 s on 2 cores). Compiled here, not lazily at first import: PYTHONDONTWRITEBYTECODE
@@ -74,7 +74,8 @@ studies: $(STAMP)
 	for s in depth mask-ratio alpha beta partial; do $(BIN)/lcm ablate --study $$s --grid quick || exit 1; done
 
 # The pictures' model: LCM trained on the interaction tier at 128 px (4 x 4 maps); its
-# attention maps, t-SNE and anchor reach. `make pictures-v1s`: the same of the redesign lcm_v1s.
+# attention maps, t-SNE and anchor reach. `make pictures-v1s` / `make pictures-v5s`: the same
+# of the redesigns lcm_v1s and lcm_v5s_a0 (lcm_v5s trained with loss.alpha 0).
 PIC := studies/data/pictures
 PIC_MODEL := $(PIC)/model
 PIC_OUT := studies/pictures
@@ -82,6 +83,7 @@ PIC_SET :=
 V1S_SET := --set model.context_read=attend --set model.readout=context \
   --set model.token_norm=true --set model.embed_init=1.0 --set model.prototype_score=cosine \
   --set model.ffn=192
+V5S_SET := $(subst context_read=attend ,context_read=attend_map ,$(V1S_SET)) --set loss.alpha=0
 pictures: $(STAMP)
 	$(BIN)/lcm data synth $(PIC)/raw --tier interaction --n-train 1000 --n-val 200
 	for s in train val; do \
@@ -98,3 +100,5 @@ pictures: $(STAMP)
 
 pictures-v1s:
 	$(MAKE) pictures PIC_MODEL=$(PIC)/model-v1s PIC_OUT=studies/pictures/lcm_v1s PIC_SET="$(V1S_SET)"
+pictures-v5s:
+	$(MAKE) pictures PIC_MODEL=$(PIC)/model-v5s PIC_OUT=studies/pictures/lcm_v5s_a0 PIC_SET="$(V5S_SET)"
