@@ -375,6 +375,13 @@ def test_size_matches_paper() -> None:
     assert report["head"]["params"] == report["params"] - backbone["params"]
     assert report["head"]["gmacs"] == pytest.approx(report["gmacs"] - backbone["gmacs"])
     assert "state_embed" in report["breakdown"] and "aux_head" in report["breakdown"]
+    # every MAC is in some row (ops outside any child's forward in the last one)
+    rows = report["breakdown"].values()
+    assert sum(r["gmacs"] for r in rows) == pytest.approx(report["gmacs"])
+    v5s = {**LCM_V1S, "context_read": "attend_map", "ffn": 1536}
+    v5s = model_report("resnet101", 80, 448, 3, **v5s)
+    # the label-query read runs through its memory() / attend() methods: 0.63 GMACs
+    assert v5s["breakdown"]["(ops outside a child's forward)"]["gmacs"] > 0.4
     assert "GMACs" in format_report(report)
 
 

@@ -79,6 +79,12 @@ def model_report(
     own = count_params(model) - sum(count_params(c) for c in model.children())
     if own:  # parameters held directly by the model (prototypes, type embeddings, queries)
         breakdown["(own parameters)"] = {"params": own, "gmacs": 0.0}
+    # MACs of ops run outside any child's forward: the model's own code (the dot read, the
+    # context pooling) and modules called through other methods (the label-query reads'
+    # memory() / attend(), reused across passes), which the counter cannot attribute
+    outside = macs - sum(per_child.values())
+    if outside:
+        breakdown["(ops outside a child's forward)"] = {"params": 0, "gmacs": outside / 1e9}
     backbone_params = count_params(model.backbone)
     backbone_macs = per_child["backbone"]
     return {
