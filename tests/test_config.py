@@ -59,3 +59,19 @@ def test_int_accepted_where_float_expected():
     params = params_from_dict({"train": {"lr": 1}, "model": {"pretrained": "w.safetensors"}})
     assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
     assert params.model.pretrained == "w.safetensors"
+
+
+def test_e_notation_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads 5e-4 as a string; a float field takes it as the number."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 5e-4\n  weight_decay: 1E+2\n")
+    params = load_params(path)
+    assert params.train.lr == 5e-4 and params.train.weight_decay == 100.0
+    assert load_params_with(path, ["train.lr=3e-3"]).train.lr == 3e-3
+    for bad in ("5e", "e-4", "fast", "5e-4x"):
+        path.write_text(f"train:\n  lr: {bad}\n")
+        with pytest.raises(ConfigError, match="train.lr: expected a number"):
+            load_params(path)
+    path.write_text("train:\n  epochs: 1e2\n")  # an integer field does not take it
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_params(path)
