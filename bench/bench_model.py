@@ -49,6 +49,12 @@ VARIANTS: dict[str, Callable[[ModelConfig], ModelConfig]] = {
 }
 
 
+def _setting(cfg: ModelConfig, size: int, batch: int, name: str) -> str:
+    """A row's label: backbone, input, batch, width, and the variant unless the default."""
+    tag = "" if name == "default" else f" {name}"
+    return f"{cfg.backbone} {size}px b{batch} D{cfg.dim}{tag}"
+
+
 def bench_inference(
     cfgs: dict[str, ModelConfig], classes: int, size: int, batch: int, args
 ) -> list[dict]:
@@ -76,9 +82,8 @@ def bench_inference(
         fields = dataclasses.asdict(cfg)
         del fields["backbone"], fields["depth"]
         report = model_report(cfg.backbone, classes, size, cfg.depth, **fields)
-        tag = "" if name == "default" else f" {name}"
         rows.append({
-            "setting": f"{cfg.backbone} {size}px b{batch} D{cfg.dim}{tag}",
+            "setting": _setting(cfg, size, batch, name),
             "a": medians[name],
             "b": medians["gap"],
             "ratio": medians[name] / medians["gap"],
@@ -107,9 +112,8 @@ def bench_train_step(
     medians, raw = interleaved(
         {"branch": step(0.1), "plain": step(0.0)}, args.warmup, args.train_repeats, device
     )
-    tag = "" if name == "default" else f" {name}"
     return {
-        "setting": f"{cfg.backbone} {size}px b{batch} D{cfg.dim}{tag}",
+        "setting": _setting(cfg, size, batch, name),
         "a": medians["branch"],
         "b": medians["plain"],
         "ratio": medians["branch"] / medians["plain"],
