@@ -132,6 +132,7 @@ class Job:
     seed: int
     epochs: int
     batch: int
+    lr: float = TRAIN["lr"]
 
     @property
     def key(self) -> str:
@@ -154,8 +155,8 @@ def job_params(job: Job, size: int, device: str) -> Any:
         recipe = SWITCHES[job.recipe.split("+", 1)[1]]
     base = {
         "model": {**MODEL, **ARMS[job.arm]},
-        "train": {**TRAIN, "epochs": job.epochs, "batch_size": job.batch, "image_size": size,
-                  "seed": job.seed, "device": device},
+        "train": {**TRAIN, "lr": job.lr, "epochs": job.epochs, "batch_size": job.batch,
+                  "image_size": size, "seed": job.seed, "device": device},
         "loss": {"beta": 0.1 if job.arm.startswith("lcm") else 0.0, **ARM_LOSS.get(job.arm, {})},
     }  # fmt: skip
     return params_from_dict(_merge(base, recipe))
@@ -337,7 +338,7 @@ def plan(args: argparse.Namespace, ratio: float) -> list[Job]:
         for tier in args.tiers:
             for arm in args.arms:
                 epochs = eq_epochs if arm == "gap_eqmacs" else args.epochs
-                jobs.append(Job(tier, arm, "recipe", seed, epochs, args.batch))
+                jobs.append(Job(tier, arm, "recipe", seed, epochs, args.batch, args.lr))
     for seed in range(args.seeds if args.study and "interaction" in args.tiers else 0):
         for arm in ("lcm", "gap"):
             for recipe in ["plain", *(f"plain+{s}" for s in SWITCHES)]:
@@ -345,7 +346,7 @@ def plan(args: argparse.Namespace, ratio: float) -> list[Job]:
                     continue  # nothing for these switches to act on
                 if recipe == "plain" and not RECIPE and arm in args.arms:
                     continue  # with no shared recipe, plain is the comparison's own run
-                jobs.append(Job("interaction", arm, recipe, seed, args.epochs, args.batch))
+                jobs.append(Job("interaction", arm, recipe, seed, args.epochs, args.batch, args.lr))
     return jobs
 
 
@@ -367,6 +368,7 @@ def main() -> None:
         default=1,
         help="val curve every N epochs (and the last 5); final metrics unchanged",
     )
+    ap.add_argument("--lr", type=float, default=TRAIN["lr"], help="peak learning rate, every arm")
     for name in ("n_train", "n_val", "size", "epochs", "seeds", "batch"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     args = ap.parse_args()
@@ -398,6 +400,8 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in ("n_train", "n_val", "size", "epochs", "batch")}
     if args.data_seed:  # absent for seed 0, so the results before the option stay comparable
         settings["data_seed"] = args.data_seed
+    if args.lr != TRAIN["lr"]:  # likewise
+        settings["lr"] = args.lr
     settings_file = args.out / "settings.json"
     if results.exists() and settings_file.exists():
         before = json.loads(settings_file.read_text())
@@ -425,7 +429,7 @@ def main() -> None:
     header = (
         f"{args.n_train} train / {args.n_val} val images per tier at {args.size} px "
         f"(data seed {args.data_seed}), ResNet-18 "
-        f"from scratch, batch {args.batch}, AdamW + OneCycle lr {TRAIN['lr']}, "
+        f"from scratch, batch {args.batch}, AdamW + OneCycle lr {args.lr:g}, "
         f"{args.epochs} epochs (gap_eqmacs: x{ratio:.2f} by MACs), seeds 0-{args.seeds - 1}, "
         f"on {name}; mAP of the final raw weights. Shared recipe: {json.dumps(RECIPE)}. "
         f"Wall time {time.perf_counter() - started:.0f} s."
