@@ -426,15 +426,18 @@ def main() -> None:
                 pool.terminate()
                 break
     roles = {t: torch.load(f, weights_only=True)["roles"] for t, f in data.items()}
+    rows = list(done.values())  # every call's runs, not only this call's
+    seeds = sorted({r["seed"] for r in rows})
     header = (
         f"{args.n_train} train / {args.n_val} val images per tier at {args.size} px "
         f"(data seed {args.data_seed}), ResNet-18 "
         f"from scratch, batch {args.batch}, AdamW + OneCycle lr {args.lr:g}, "
-        f"{args.epochs} epochs (gap_eqmacs: x{ratio:.2f} by MACs), seeds 0-{args.seeds - 1}, "
-        f"on {name}; mAP of the final raw weights. Shared recipe: {json.dumps(RECIPE)}. "
-        f"Wall time {time.perf_counter() - started:.0f} s."
+        f"{args.epochs} epochs (gap_eqmacs: x{ratio:.2f} by MACs), seeds "
+        f"{', '.join(map(str, seeds))}, on {name}; mAP of the final raw weights. Shared recipe: "
+        f"{json.dumps(RECIPE)}. Runs' own time {sum(r['seconds'] for r in rows):.0f} s in all; "
+        f"this call's wall time {time.perf_counter() - started:.0f} s."
     )
-    print(write_report(args.out, list(done.values()), roles, {"header": header, "gmacs": macs}))
+    print(write_report(args.out, rows, roles, {"header": header, "gmacs": macs}))
 
 
 if __name__ == "__main__":
