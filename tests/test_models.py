@@ -484,9 +484,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def test_model_dir_of_the_first_reconstruction_scores_unchanged(tmp_path) -> None:
     """A model directory written by the code before the redesign switches existed (commit
     b812aed; tests/fixtures/make_first_reconstruction.py) loads as that design and gives that
-    code's logits: in float64 to 1e-9 (another CPU's kernels sum in another order, ~1e-13
-    there), in float32 to 1e-3 (bit-identical on the CPU that wrote them; 3e-6 to ~1e-4
-    elsewhere). Any change to the design moves them by far more."""
+    code's logits: in float64 to 1e-9 (summation order moves float64 logits far less; 0.0 on
+    the machine that checked it, with 1 and 2 threads), in float32 to 1e-3 (bit-identical on
+    the CPU that wrote them; 3e-6 to ~1e-4 elsewhere). Any change to the design moves them by
+    far more."""
     model_dir = tmp_path / "model"
     shutil.copytree(FIXTURES / "lcm-first-reconstruction", model_dir)
     packed = model_dir / "model.safetensors.gz"
