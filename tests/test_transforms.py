@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,9 +18,11 @@ from lcm.data.transforms import (
     decode_images,
     eval_transform,
     normalize,
+    resize_square,
     train_transform,
 )
 from lcm.errors import ConfigError
+from tests._engine_fixtures import ROOT
 
 
 def _jpeg(mode: str = "RGB", size: tuple[int, int] = (40, 30), seed: int = 0) -> bytes:
@@ -68,3 +72,37 @@ def test_eval_preset_draws_nothing_and_train_flips_from_its_generator():
     assert 0 < sum(flips) < 20
     with pytest.raises(ConfigError, match="positive"):
         eval_transform(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16])
+def test_resize_square_is_torchvision_v2_resize_bit_for_bit(dtype):
+    """resize_square repeats torchvision.transforms.v2's resize without importing it (that
+    module loads TorchDynamo): the same pixels, down and up, one image or a batch, contiguous
+    or channels-last."""
+    from torchvision.transforms.v2 import functional as F
+
+    g = torch.Generator().manual_seed(0)
+    for h, w, size in [(37, 53, 16), (64, 48, 96), (32, 32, 32), (200, 120, 128), (5, 9, 7)]:
+        img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8).to(dtype)
+        last = img.unsqueeze(0).contiguous(memory_format=torch.channels_last)[0]
+        batch = torch.randint(0, 256, (2, 3, h, w), generator=g, dtype=torch.uint8).to(dtype)
+        for x in (img, last, batch):
+            ours, theirs = resize_square(x, size), F.resize(x, [size, size], antialias=True)
+            assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
+            assert torch.equal(ours, theirs), (h, w, size, x.shape, x.stride())
+            assert ours.stride() == theirs.stride()
+
+
+def test_the_image_path_leaves_torch_dynamo_unloaded():
+    """Decoding, resizing and building a backbone import torchvision without TorchDynamo
+    (~2 s a process: lcm/vision.py); torch.compile still finds the real module."""
+    code = (
+        "import sys; from lcm.data.transforms import eval_transform, decode_image; "
+        "from lcm.models.backbones import create_backbone; "
+        "create_backbone('resnet18'); assert 'torch._dynamo' not in sys.modules, 'loaded'; "
+        "import torch; f = torch.compile(lambda a: a + 1, backend='eager'); "
+        "assert f(torch.ones(1)).item() == 2 and 'torch._dynamo' in sys.modules; print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -11,15 +11,19 @@ resume mid-epoch exactly.
 from __future__ import annotations
 
 import functools
+import platform
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.io import decode_image as _decode_any
-from torchvision.transforms.v2 import functional as F
+from torch.nn.functional import interpolate
 
 from lcm.errors import ConfigError
+from lcm.vision import torchvision
+
+ImageReadMode = torchvision.io.ImageReadMode
+decode_jpeg = torchvision.io.decode_jpeg
+_decode_any = torchvision.io.decode_image
 
 # ImageNet channel statistics, the convention of the torchvision backbones.
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -46,8 +50,43 @@ def decode_image_file(data: bytes) -> Tensor:
 
 
 def resize_square(img: Tensor, size: int) -> Tensor:
-    """uint8 ``(3, H, W)`` -> uint8 ``(3, size, size)``, bilinear with antialiasing."""
-    return F.resize(img, [size, size], antialias=True)
+    """uint8 ``(..., 3, H, W)`` -> uint8 ``(..., 3, size, size)``, bilinear with antialiasing.
+
+    The steps of ``torchvision.transforms.v2.functional.resize`` for a tensor, bit for bit
+    (tests/test_transforms.py holds them equal): importing that module loads TorchDynamo, ~2 s
+    in every process that decodes an image. uint8 is interpolated as it is on x86 CPUs with
+    AVX2 and on ARM (torch's native uint8 kernel), through float32 and rounding elsewhere
+    (GPUs included).
+    """
+    shape, dtype = img.shape, img.dtype
+    channels, height, width = shape[-3:]
+    if (height, width) == (size, size):
+        return img
+    x = img.reshape(-1, channels, height, width)
+    strides = list(x.stride())
+    if (
+        x.is_contiguous(memory_format=torch.channels_last)
+        and x.shape[0] == 1
+        and (x.numel() != strides[0])
+    ):  # keep a single channels-last image channels-last (torch allocates the output by
+        # the ambiguous 1CHW strides otherwise, and repacks it)
+        strides[0] = x.numel()
+        x = x.as_strided((1, channels, height, width), strides)
+    native = dtype in (torch.float32, torch.float64) or (
+        dtype == torch.uint8 and x.device.type == "cpu" and _native_uint8_bilinear()
+    )
+    y = interpolate(x if native else x.to(torch.float32), size=[size, size], mode="bilinear",
+                    align_corners=False, antialias=True)  # fmt: skip
+    if not native:
+        y = (y.round_() if not dtype.is_floating_point else y).to(dtype)
+    return y.reshape(shape[:-3] + (channels, size, size))
+
+
+@functools.cache
+def _native_uint8_bilinear() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or (
+        platform.machine() in ("aarch64", "arm64")
+    )
 
 
 def normalize(

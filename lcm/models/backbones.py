@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import Tensor, nn
-from torchvision.models import WeightsEnum
 
 from lcm.errors import CheckpointError, ConfigError
+from lcm.vision import torchvision
+
+WeightsEnum = torchvision.models.WeightsEnum
 
 log = logging.getLogger(__name__)
 
