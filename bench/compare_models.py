@@ -56,7 +56,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "seeds": 5,
         "batch": 128,
     },
-    "smoke": {"n_train": 64, "n_val": 32, "size": 64, "epochs": 1, "seeds": 2, "batch": 32},
+    "smoke": {"n_train": 32, "n_val": 32, "size": 32, "epochs": 1, "seeds": 2, "batch": 16},
 }
 from lcm.config import FIRST_RECONSTRUCTION  # noqa: E402
 from lcm.studies.grids import BASE_TRAIN  # noqa: E402  (the studies' recipe too)
