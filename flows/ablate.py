@@ -77,22 +77,15 @@ class AblateRequest:
         return grids.plan(study, self.grid, seeds, self.values, self.missing)
 
 
-def _train_worker(params: dict[str, Any], tier_file: str, threads: int) -> dict[str, Any]:
-    import torch
-
-    from lcm.config import params_from_dict
-    from lcm.studies.inmemory import train_in_memory
-
-    torch.set_num_threads(threads)
-    return train_in_memory(params_from_dict(params), tier_file)
-
-
 @task(retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error,
       cache_policy=NO_CACHE, task_run_name="{label}")  # fmt: skip
 def train_point(label: str, params: dict[str, Any], tier_file: str, threads: int) -> dict:
-    """Train one point of the grid in a fresh spawned process."""
+    """Train one point of the grid in a fresh spawned process (which imports the library's
+    training path only: not Prefect, not this module)."""
+    from lcm.studies.inmemory import train_point_in_process
+
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_train_worker, params, tier_file, threads).result()
+        return pool.submit(train_point_in_process, params, tier_file, threads).result()
 
 
 def _device_name(device: Any) -> str:

@@ -91,6 +91,15 @@ def hide_targets(targets: Tensor, missing: float, seed: int) -> Tensor:
     return out
 
 
+def train_point_in_process(params: dict[str, Any], data_file: str, threads: int) -> dict[str, Any]:
+    """:func:`train_in_memory` of a params dict on ``threads`` intra-op threads: the entry
+    point of a study's spawned run, importable without the orchestration above it."""
+    from lcm.config import params_from_dict
+
+    torch.set_num_threads(threads)
+    return train_in_memory(params_from_dict(params), data_file)
+
+
 def train_in_memory(
     params: Params,
     data_file: str | Path,
