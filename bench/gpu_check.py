@@ -88,7 +88,7 @@ class Size:
 
 
 FULL = Size("resnet101", 448, 64, 128, 6144, (640, 480), 8, 30, 1024, 2048)
-SMOKE = Size("resnet18", 64, 8, 16, 96, (80, 60), 1, 2, 32, 64)
+SMOKE = Size("resnet18", 32, 4, 16, 96, (40, 30), 1, 2, 32, 64)
 
 
 class Report:
