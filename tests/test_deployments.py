@@ -37,7 +37,9 @@ def prefect(env, *args, check=True):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A Prefect server with the pool created and prefect.yaml deployed; yields (env, client)."""
+    """A Prefect server with the pool created, two workers polling it and prefect.yaml
+    deployed; yields (env, client, workers). The workers serve every test of the module: a
+    test waits for its own flow runs, so whichever worker takes one does not matter."""
     tmp = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     # workers poll every second; a run refused a concurrency slot is retried after 2 s, not 30
@@ -50,6 +52,7 @@ def server(tmp_path_factory):
          str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     client = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=20)
+    workers = []
     try:
 
         def healthy():
@@ -60,9 +63,13 @@ def server(tmp_path_factory):
 
         wait_for("the server's health", healthy, 180, [proc])
         prefect(env, "work-pool", "create", "lcm", "--type", "process")
+        workers = [worker(env, tmp, f"w{i}") for i in (1, 2)]  # they start while deploy runs
         prefect(env, "deploy", "--all")
-        yield env, client
+        yield env, client, workers
     finally:
+        for w in workers:
+            stop(w)
+            w.log.close()
         stop(proc)
         log.close()
 
@@ -113,7 +120,7 @@ def test_prefect_yaml_defaults_are_params_yaml_values():
 
 
 def test_deploy_all_declares_the_three_deployments(server):
-    _, client = server
+    _, client, _ = server
     dep = client.get(f"/deployments/name/{PREDICT}").json()
     assert [(s["schedule"]["cron"], s["schedule"]["timezone"]) for s in dep["schedules"]] == [
         ("0 3 * * *", "UTC")]  # fmt: skip
@@ -131,17 +138,12 @@ def test_deploy_all_declares_the_three_deployments(server):
 
 
 def test_a_worker_runs_a_triggered_batch_prediction_as_the_cli_does(server, trained, tmp_path):
-    env, client = server
+    env, client, workers = server
     db, ref = tmp_path / "store.duckdb", tmp_path / "ref.duckdb"
-    w = worker(env, tmp_path, "w1")
-    try:
-        run = trigger(client, PREDICT, checkpoint=str(trained.model), shards=str(trained.shards),
-                      db=str(db), run_id="night", batch_size=3)  # fmt: skip
-        state = final_state(client, run, [w])
-        assert state["type"] == "COMPLETED", state
-    finally:
-        stop(w)
-        w.log.close()
+    run = trigger(client, PREDICT, checkpoint=str(trained.model), shards=str(trained.shards),
+                  db=str(db), run_id="night", batch_size=3)  # fmt: skip
+    state = final_state(client, run, workers)
+    assert state["type"] == "COMPLETED", state
     args = ["batch-predict", "--checkpoint", str(trained.model), "--shards", str(trained.shards),
             "--db", str(ref), "--run-id", "night", "--batch-size", "3"]  # fmt: skip
     cli = subprocess.run(lcm_cmd(*args), env=env, capture_output=True, text=True)
@@ -169,24 +171,23 @@ class _Channel(BaseHTTPRequestHandler):
 
 
 def test_a_failed_run_ends_in_one_line_and_one_notification(server, trained, tmp_path):
-    env, client = server
+    env, client, workers = server
     channel = HTTPServer(("127.0.0.1", free_port()), _Channel)
     threading.Thread(target=channel.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{channel.server_port}/hook"
     done = subprocess.run(lcm_cmd("alerts", "--url", url), env=env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0 and "lcm-flow-run-failed" in done.stdout, done.stderr
-    w = worker(env, tmp_path, "w-fail")
     try:
         run = trigger(client, PREDICT, checkpoint=str(trained.model), shards="/no/such/shards",
                       db=str(tmp_path / "s.duckdb"))  # fmt: skip
-        state = final_state(client, run, [w])
+        state = final_state(client, run, workers)
         assert state["type"] == "FAILED", state
         assert "/no/such/shards" in state["message"] and "\n" not in state["message"].strip()
-        wait_for("the notification", lambda: _Channel.posts, 120, [w])
+        wait_for("the notification", lambda: _Channel.posts, 120, workers)
         missing = trigger(client, PREDICT, checkpoint="/no/such/model", shards=str(trained.shards),
                           db=str(tmp_path / "s.duckdb"))  # fmt: skip
-        state = final_state(client, missing, [w])
+        state = final_state(client, missing, workers)
         assert state["type"] == "FAILED" and "/no/such/model" in state["message"], state
         assert "\n" not in state["message"].strip() and "Traceback" not in state["message"]
         # the second failure's notification arrives after any repeat of the first one would
@@ -194,11 +195,9 @@ def test_a_failed_run_ends_in_one_line_and_one_notification(server, trained, tmp
             "the second notification",
             lambda: any(missing["name"] in json.dumps(p) for p in _Channel.posts),
             120,
-            [w],
+            workers,
         )
     finally:
-        stop(w)
-        w.log.close()
         channel.shutdown()
     first = [p for p in _Channel.posts if run["name"] in json.dumps(p)]
     assert len(first) == 1, _Channel.posts
@@ -207,19 +206,13 @@ def test_a_failed_run_ends_in_one_line_and_one_notification(server, trained, tmp
 
 
 def test_two_workers_two_triggers_of_one_night_score_it_once(server, trained, tmp_path):
-    env, client = server
+    env, client, workers = server
     db = tmp_path / "store.duckdb"
-    workers = [worker(env, tmp_path, f"w{i}") for i in (1, 2)]
-    try:
-        params = {"checkpoint": str(trained.model), "shards": str(trained.shards), "db": str(db),
-                  "batch_size": 3}  # fmt: skip
-        runs = [trigger(client, PREDICT, **params) for _ in range(2)]  # the same night
-        states = [final_state(client, run, workers) for run in runs]
-        assert [s["type"] for s in states] == ["COMPLETED", "COMPLETED"], states
-    finally:
-        for w in workers:
-            stop(w)
-            w.log.close()
+    params = {"checkpoint": str(trained.model), "shards": str(trained.shards), "db": str(db),
+              "batch_size": 3}  # fmt: skip
+    runs = [trigger(client, PREDICT, **params) for _ in range(2)]  # the same night
+    states = [final_state(client, run, workers) for run in runs]
+    assert [s["type"] for s in states] == ["COMPLETED", "COMPLETED"], states
     assert fetch(db, "SELECT count(*), count(DISTINCT run_id) FROM runs") == [(1, 1)]
     total, distinct = fetch(db, "SELECT count(*), count(DISTINCT (image_key, label_id)) "
                                 "FROM predictions")[0]  # fmt: skip
