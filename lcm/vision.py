@@ -10,19 +10,22 @@ name asked of the stand-in loads the real module at once (so another torchvision
 stays correct, only slower). The stand-in leaves ``sys.modules`` as soon as torchvision is in;
 ``torch.compile`` and everything else find the real module.
 
-lcm imports torchvision from here only (``from lcm.vision import torchvision``).
+lcm imports torchvision from here only (``from lcm.vision import torchvision``; an
+import-linter contract in ``pyproject.toml`` enforces it).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import types
 from typing import Any
 
 import torch  # noqa: F401 - torch first, as torchvision itself does
 
 _DEFERRED = "torch._dynamo.utils"
+_LOCK = threading.RLock()  # the stand-in's window and its swap for the real module
 
 
 def _import_torchvision() -> types.ModuleType:
@@ -31,8 +34,9 @@ def _import_torchvision() -> types.ModuleType:
     stand_in = types.ModuleType(_DEFERRED)
 
     def real() -> types.ModuleType:
-        if sys.modules.get(_DEFERRED) is stand_in:
-            del sys.modules[_DEFERRED]
+        with _LOCK:
+            if sys.modules.get(_DEFERRED) is stand_in:
+                del sys.modules[_DEFERRED]
         return importlib.import_module(_DEFERRED)
 
     def is_compile_supported(device_type: Any) -> bool:
@@ -45,12 +49,13 @@ def _import_torchvision() -> types.ModuleType:
 
     stand_in.is_compile_supported = is_compile_supported  # type: ignore[attr-defined]
     stand_in.__getattr__ = other  # type: ignore[method-assign]
-    sys.modules[_DEFERRED] = stand_in
-    try:
-        return importlib.import_module("torchvision")
-    finally:
-        if sys.modules.get(_DEFERRED) is stand_in:
-            del sys.modules[_DEFERRED]
+    with _LOCK:
+        sys.modules[_DEFERRED] = stand_in
+        try:
+            return importlib.import_module("torchvision")
+        finally:
+            if sys.modules.get(_DEFERRED) is stand_in:
+                del sys.modules[_DEFERRED]
 
 
 torchvision = _import_torchvision()

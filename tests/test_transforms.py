@@ -74,12 +74,22 @@ def test_eval_preset_draws_nothing_and_train_flips_from_its_generator():
         eval_transform(0)
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16])
-def test_resize_square_is_torchvision_v2_resize_bit_for_bit(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "native"),
+    [(torch.uint8, True), (torch.uint8, False), (torch.float32, True), (torch.float16, True)],
+)
+def test_resize_square_is_torchvision_v2_resize_bit_for_bit(dtype, native, monkeypatch):
     """resize_square repeats torchvision.transforms.v2's resize without importing it (that
     module loads TorchDynamo): the same pixels, down and up, one image or a batch, contiguous
-    or channels-last."""
+    or channels-last; uint8 also through float32 as on a GPU or a CPU without AVX2."""
     from torchvision.transforms.v2 import functional as F
+    from torchvision.transforms.v2.functional import _geometry
+
+    import lcm.data.transforms as T
+
+    if not native:
+        monkeypatch.setattr(T, "_native_uint8_bilinear", lambda: False)
+        monkeypatch.setattr(_geometry, "_do_native_uint8_resize_on_cpu", lambda mode: False)
 
     g = torch.Generator().manual_seed(0)
     for h, w, size in [(37, 53, 16), (64, 48, 96), (32, 32, 32), (200, 120, 128), (5, 9, 7)]:
