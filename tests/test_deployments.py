@@ -9,8 +9,6 @@ server that plays the team's channel. Every process is started here and stopped 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -69,11 +67,8 @@ def server(tmp_path_factory):
         prefect(env, "deploy", "--all")
         yield env, client, workers
     finally:
-        for w in workers:  # signalled together: each may take up to stop()'s 20 s
-            if w.poll() is None:
-                os.killpg(w.pid, signal.SIGTERM)
+        stop(*workers)  # together: each may take up to 20 s to stop under load
         for w in workers:
-            stop(w)
             w.log.close()
         stop(proc)
         log.close()

@@ -34,11 +34,15 @@ def wait_for(what, check, timeout, procs=()):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def stop(proc):
-    if proc.poll() is None:
+def stop(*procs):
+    """SIGTERM to every process group at once, SIGKILL to those still running 20 s later."""
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
         os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for proc in running:
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
