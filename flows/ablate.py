@@ -1,10 +1,13 @@
 """Prefect flow: one of the paper's studies on our benchmark (``lcm ablate``).
 
 Every point of the grid (swept value x seed, and missing ratio for ``partial``) is one task,
-retried once on an unexpected failure. A task trains in a fresh process of its own
-(:func:`lcm.studies.inmemory.train_in_memory`): runs are independent of their order and of
-each other, and a crash kills one run, not the flow. ``jobs`` tasks run at once, each process
-with ``cores / jobs`` threads on a CPU.
+retried once on an unexpected failure. A task trains in a spawned process
+(:func:`lcm.studies.inmemory.train_in_memory`), one of ``jobs`` the flow call keeps and hands
+the next point as each run ends (a process's start, imports included, costs ~5 s on a 2-core
+machine). Every run seeds everything before it builds its model, so runs are independent of
+their order and of which process trains them. A crash (a killed process) ends the runs then
+in flight, not the flow: each is retried once, in fresh processes. ``jobs`` tasks run at once,
+each process with ``cores / jobs`` threads on a CPU.
 
 The flow is the one writer: as each run ends it appends the run to ``runs.jsonl`` and rebuilds
 ``results.csv``, ``studies.duckdb`` and the study's figure and table, so a cut-off call keeps
@@ -17,8 +20,12 @@ import logging
 import math
 import multiprocessing
 import os
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,12 +87,62 @@ class AblateRequest:
 @task(retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error,
       cache_policy=NO_CACHE, task_run_name="{label}")  # fmt: skip
 def train_point(label: str, params: dict[str, Any], tier_file: str, threads: int) -> dict:
-    """Train one point of the grid in a fresh spawned process (which imports the library's
-    training path only: not Prefect, not this module)."""
+    """Train one point of the grid in a spawned process (which imports the library's training
+    path only: not Prefect, not this module): one of the flow call's (:func:`_spawned`), or a
+    process of its own outside a flow call."""
     from lcm.studies.inmemory import train_point_in_process
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(train_point_in_process, params, tier_file, threads).result()
+    if _POOL.executor is None:
+        with _spawn_pool(1) as pool:
+            return pool.submit(train_point_in_process, params, tier_file, threads).result()
+    return _POOL.run(train_point_in_process, params, tier_file, threads)
+
+
+def _spawn_pool(jobs: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+class _Pool:
+    """The flow call's training processes, shared by its tasks (they run in threads). A
+    process that dies breaks the executor and every run in it; the first task to see that
+    replaces it, so their retries start in fresh processes."""
+
+    def __init__(self) -> None:
+        self.executor: ProcessPoolExecutor | None = None
+        self.jobs = 1
+        self.lock = threading.Lock()
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        with self.lock:
+            executor = self.executor
+            assert executor is not None, "outside _spawned()"
+        try:
+            return executor.submit(fn, *args).result()
+        except BrokenProcessPool:
+            with self.lock:
+                if self.executor is executor:
+                    self.executor = _spawn_pool(self.jobs)
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+_POOL = _Pool()
+
+
+@contextmanager
+def _spawned(jobs: int) -> Iterator[None]:
+    """``jobs`` spawned processes for this flow call's runs, shut down when it ends."""
+    with _POOL.lock:
+        if _POOL.executor is not None:
+            raise LcmError("another study is running in this process; run one at a time")
+        _POOL.executor, _POOL.jobs = _spawn_pool(jobs), jobs
+    try:
+        yield
+    finally:
+        with _POOL.lock:
+            executor, _POOL.executor = _POOL.executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _device_name(device: Any) -> str:
@@ -139,36 +196,37 @@ def ablate_flow(request: AblateRequest) -> dict[str, Any]:
     pending = list(todo.items())
     inflight: dict[Any, tuple[str, grids.Point, dict]] = {}
     finished, spent, markdown = 0, [], None
-    while pending or inflight:
-        over = request.budget is not None and time.perf_counter() - started > request.budget
-        while pending and len(inflight) < jobs and not over:
-            key, (point, params) = pending.pop(0)
-            fut = train_point.submit(_label(point), params, tier_file, threads)
-            inflight[fut] = (key, point, params)
-        if not inflight:
-            log.warning("budget of %.0f s spent: %d runs not started; rerun to continue",
-                        request.budget, len(pending))  # fmt: skip
-            break
-        fut = next(as_completed(list(inflight)))
-        key, point, params = inflight.pop(fut)
-        try:
-            row = fut.result()
-        except LcmError:
-            raise
-        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
-            failed.append(f"{_label(point)} ({type(e).__name__}: {e})")
-            log.error("%s failed twice: %s", _label(point), e)
-            continue
-        finished += 1
-        row = {"key": key, "settings": settings, "params": params, "device": name, **row}
-        runs[key] = results.append_run(out, row)
-        markdown = _write(study, profile, keyed, runs, out, num_classes)
-        elapsed = time.perf_counter() - started
-        spent.append(row["seconds"])
-        left = sum(spent) / len(spent) * math.ceil((len(todo) - finished - len(failed)) / jobs)
-        log.info("[%d/%d] %s: mAP %.1f (%.0f s); %.0f s so far, about %.0f s to go",
-                 finished, len(todo), _label(point), 100 * row["mAP"], row["seconds"], elapsed,
-                 left)  # fmt: skip
+    with _spawned(max(1, min(jobs, len(todo)))):  # the processes that train the runs
+        while pending or inflight:
+            over = request.budget is not None and time.perf_counter() - started > request.budget
+            while pending and len(inflight) < jobs and not over:
+                key, (point, params) = pending.pop(0)
+                fut = train_point.submit(_label(point), params, tier_file, threads)
+                inflight[fut] = (key, point, params)
+            if not inflight:
+                log.warning("budget of %.0f s spent: %d runs not started; rerun to continue",
+                            request.budget, len(pending))  # fmt: skip
+                break
+            fut = next(as_completed(list(inflight)))
+            key, point, params = inflight.pop(fut)
+            try:
+                row = fut.result()
+            except LcmError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+                failed.append(f"{_label(point)} ({type(e).__name__}: {e})")
+                log.error("%s failed twice: %s", _label(point), e)
+                continue
+            finished += 1
+            row = {"key": key, "settings": settings, "params": params, "device": name, **row}
+            runs[key] = results.append_run(out, row)
+            markdown = _write(study, profile, keyed, runs, out, num_classes)
+            elapsed = time.perf_counter() - started
+            spent.append(row["seconds"])
+            left = sum(spent) / len(spent) * math.ceil((len(todo) - finished - len(failed)) / jobs)
+            log.info("[%d/%d] %s: mAP %.1f (%.0f s); %.0f s so far, about %.0f s to go",
+                     finished, len(todo), _label(point), 100 * row["mAP"], row["seconds"], elapsed,
+                     left)  # fmt: skip
     if markdown is None:  # no run finished in this call: draw from the log alone
         markdown = _write(study, profile, keyed, runs, out, num_classes)
     create_markdown_artifact(key=f"ablate-{study.name}", markdown=markdown)

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from cli import app
 from lcm.data.indexing import index_shards
 from lcm.data.shards import eval_loader, is_remote, load_info, resolve_shards, train_loader
 from lcm.errors import DataError
@@ -178,13 +180,20 @@ def test_cli_evaluates_and_predicts_from_urls_like_from_files(
     for name, spec in sources.items():
         model = tmp_path / f"model-{name}"
         shutil.copytree(trained.model, model)
-        _run(tmp_path, prefect_api, "evaluate", "--checkpoint", str(model), "--shards", spec,
-             "--out", str(tmp_path / f"eval-{name}"))  # fmt: skip
+        db = tmp_path / f"{name}.duckdb"
+        evaluate = ["evaluate", "--checkpoint", str(model), "--shards", spec, "--out",
+                    str(tmp_path / f"eval-{name}")]  # fmt: skip
+        predict = ["batch-predict", "--checkpoint", str(model), "--shards", spec, "--db", str(db),
+                   "--run-id", "r"]  # fmt: skip
+        if name == "local":  # the reference: the same CLI in this process (a start saved)
+            for args in (evaluate, [*predict, "--num-workers", "0"]):  # no fork of this process
+                done = CliRunner().invoke(app, args, catch_exceptions=False)
+                assert done.exit_code == 0, done.output
+        else:
+            _run(tmp_path, prefect_api, *evaluate)
+            _run(tmp_path, prefect_api, *predict, "--num-workers", "2")
         doc = json.loads((tmp_path / f"eval-{name}" / "metrics.json").read_text())
         metrics[name] = {k: v for k, v in doc.items() if isinstance(v, float)}
-        db = tmp_path / f"{name}.duckdb"
-        _run(tmp_path, prefect_api, "batch-predict", "--checkpoint", str(model), "--shards", spec,
-             "--db", str(db), "--run-id", "r", "--num-workers", "2")  # fmt: skip
         rows[name] = sorted(fetch(db, "SELECT shard, image_key, label_id, score FROM predictions"))
     assert metrics["http"] == metrics["local"] and metrics["pipe"] == metrics["local"]
     assert len(rows["local"]) == 32 * len(CLASSES)

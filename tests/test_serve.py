@@ -34,12 +34,13 @@ def wait_for(what, check, timeout, procs=()):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def stop(*procs):
-    """SIGTERM to every process group at once, SIGKILL to those still running 20 s later."""
+def stop(*procs, grace=20.0):
+    """SIGTERM to every process group at once, SIGKILL to those still running ``grace`` s
+    later."""
     running = [p for p in procs if p.poll() is None]
     for proc in running:
         os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + grace
     for proc in running:
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))

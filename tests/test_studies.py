@@ -22,7 +22,7 @@ import torch
 
 from lcm.data.manifest import read_manifest, targets_from_lists
 from lcm.data.masks import make_mask, read_mask
-from lcm.errors import ConfigError, DataError
+from lcm.errors import ConfigError, DataError, LcmError
 from lcm.studies import grids, report, results
 from lcm.studies.inmemory import build_tier, hide_targets, train_in_memory
 from tests._engine_fixtures import ROOT, cli_env, lcm_cmd
@@ -220,6 +220,26 @@ def test_ablate_depth_quick_two_seeds_writes_table_and_figure_then_resumes(tmp_p
     assert len(results.read_runs(out)) == 4 and len(log.read_text().splitlines()) == 4
     last = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert "0 runs to do, 4 done before" in _said(last)
+
+
+def test_a_study_reuses_its_processes_and_replaces_a_dead_one():
+    """flows/ablate.py: the runs of one call share ``jobs`` spawned processes (a start costs
+    ~5 s); a process that dies fails the runs in it, and the retry gets a fresh process."""
+    import os
+    from concurrent.futures.process import BrokenProcessPool
+
+    from flows.ablate import _POOL, _spawned
+
+    with _spawned(1):
+        first, again = _POOL.run(os.getpid), _POOL.run(os.getpid)
+        assert first == again != os.getpid()  # one spawned process, reused
+        with pytest.raises(BrokenProcessPool):
+            _POOL.run(os._exit, 1)  # the process dies mid-run
+        fresh = _POOL.run(os.getpid)
+        assert fresh not in (first, os.getpid())
+        with pytest.raises(LcmError, match="one at a time"), _spawned(1):
+            pass
+    assert _POOL.executor is None  # shut down with the call
 
 
 @pytest.mark.parametrize(
