@@ -21,7 +21,9 @@ shared recipe is empty, the comparison's own runs are the plain ones and are not
 Statistics per arm and tier: mean and sd over seeds, the 95% interval of the difference to
 ``gap`` (paired by seed: t over the per-seed differences), the look-alike classes' AP. A run
 appends its row to ``runs.jsonl`` as it ends, so a cut-off call keeps what finished and a
-rerun skips it; ``--budget`` stops starting runs that would not fit.
+rerun skips it. ``--budget`` ends the call at the first run to finish after that many
+seconds (the runs then in flight are lost); ``--report-only`` starts no run and rewrites the
+table and the curves from ``runs.jsonl``.
 
 One script (a little over 300 lines) because the arms, the scheduling and the tables are read
 together when checking how a README figure was made.
@@ -360,6 +362,8 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--no-study", dest="study", action="store_false")
     ap.add_argument("--budget", type=float, default=None, help="seconds; later runs skipped")
+    ap.add_argument("--report-only", action="store_true",
+                    help="start no run; rewrite the table and curves from runs.jsonl")  # fmt: skip
     ap.add_argument("--data", type=Path, default=None, help="data cache [default: OUT/data]")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the tiers' generator")
     ap.add_argument(
@@ -409,7 +413,7 @@ def main() -> None:
             raise SystemExit(f"{args.out} holds runs made with {before}, not {settings}; "
                              "use another --out")  # fmt: skip
     settings_file.write_text(json.dumps(settings) + "\n")
-    todo = [j for j in plan(args, ratio) if j.key not in done]
+    todo = [] if args.report_only else [j for j in plan(args, ratio) if j.key not in done]
     progress(f"{len(todo)} runs to do ({len(done)} done before) on {name}, {args.jobs} at a time")
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(args.jobs) as pool, results.open("a") as sink:
@@ -421,7 +425,7 @@ def main() -> None:
             done[row["key"]] = row
             progress(f"[{k}/{len(todo)}] {row['key']}: mAP {100 * row['mAP']:.1f} "
                      f"({row['seconds']:.0f} s)")  # fmt: skip
-            if args.budget and time.perf_counter() - started > args.budget:
+            if args.budget is not None and time.perf_counter() - started > args.budget:
                 progress("budget spent: stopping; rerun to continue")
                 pool.terminate()
                 break

@@ -34,3 +34,8 @@ def test_comparison_smoke_run_writes_table_curves_and_resumes(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "0 runs to do" in again.stdout
+    (tmp_path / "table.md").unlink()
+    more = [*cmd, "--seeds", "3", "--report-only"]  # a third seed planned, none started
+    report = subprocess.run(more, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0 and "0 runs to do (16 done before)" in report.stdout
+    assert "| lcm_aux | 2 |" in (tmp_path / "table.md").read_text()
