@@ -415,20 +415,21 @@ def main() -> None:
     settings_file.write_text(json.dumps(settings) + "\n")
     todo = [] if args.report_only else [j for j in plan(args, ratio) if j.key not in done]
     progress(f"{len(todo)} runs to do ({len(done)} done before) on {name}, {args.jobs} at a time")
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(args.jobs) as pool, results.open("a") as sink:
-        pending = [(j, data[j.tier], args.size, device.type, args.score_every) for j in todo]
-        it = pool.imap_unordered(_run_packed, pending)
-        for k, row in enumerate(it, 1):
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            done[row["key"]] = row
-            progress(f"[{k}/{len(todo)}] {row['key']}: mAP {100 * row['mAP']:.1f} "
-                     f"({row['seconds']:.0f} s)")  # fmt: skip
-            if args.budget is not None and time.perf_counter() - started > args.budget:
-                progress("budget spent: stopping; rerun to continue")
-                pool.terminate()
-                break
+    if todo:  # a pool's spawned workers each import torch: none for a report or a finished grid
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(args.jobs) as pool, results.open("a") as sink:
+            pending = [(j, data[j.tier], args.size, device.type, args.score_every) for j in todo]
+            it = pool.imap_unordered(_run_packed, pending)
+            for k, row in enumerate(it, 1):
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                done[row["key"]] = row
+                progress(f"[{k}/{len(todo)}] {row['key']}: mAP {100 * row['mAP']:.1f} "
+                         f"({row['seconds']:.0f} s)")  # fmt: skip
+                if args.budget is not None and time.perf_counter() - started > args.budget:
+                    progress("budget spent: stopping; rerun to continue")
+                    pool.terminate()
+                    break
     roles = {t: torch.load(f, weights_only=True)["roles"] for t, f in data.items()}
     rows = list(done.values())  # every call's runs, not only this call's
     seeds = sorted({r["seed"] for r in rows})
