@@ -25,8 +25,9 @@ export NO_MKDOCS_2_WARNING := 1
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --no-compile -e '.[dev]'
+	@echo "pip install -e '.[dev]' into $(VENV): its output goes to $(VENV)/install.log, shown on failure"
+	@{ $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q --no-compile -e '.[dev]'; } \
+		>$(VENV)/install.log 2>&1 || { tail -n 60 $(VENV)/install.log; echo "install failed (log: $(VENV)/install.log)"; exit 1; }
 	$(BIN)/python -m compileall -q -q -j 0 $(VENV)/lib >/dev/null || true
 	touch $(STAMP)
 
@@ -43,13 +44,17 @@ demo: $(STAMP)
 # Two workers (pytest-xdist), a test module to a worker: most tests wait on subprocesses,
 # servers and disk, so two at a time finish sooner even on two cores. Modules go out in
 # collection order, longest first (tests/conftest.py), not xdist's most-tests-first.
+# Only the pytest plugins the suite uses: the ones other packages install (hydra, anyio,
+# platformdirs) are not imported, so a broken or changed one cannot stop the suite at start.
 XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+PLUGINS := -p xdist -p timeout -p hypothesispytest
+test test-fast: export PYTEST_DISABLE_PLUGIN_AUTOLOAD := 1
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(XDIST) --durations=15
+	$(BIN)/python -m pytest -q $(PLUGINS) $(XDIST) --durations=15
 
 # Everything but the end-to-end tests marked slow (services, subprocesses, SIGKILL, DDP).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
+	$(BIN)/python -m pytest -q $(PLUGINS) $(XDIST) -m "not slow"
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or a missing
 # page fails. The CLI reference is generated from the Typer app by docs/hooks.py.
