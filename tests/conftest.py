@@ -30,10 +30,9 @@ def pytest_configure(config) -> None:
 # fill the gaps at the end instead of one worker finishing a long module alone. The order
 # affects only the wall time; modules not listed run after these, in pytest's order.
 LONGEST_FIRST = (
-    "test_studies", "test_remote", "test_predict", "test_deployments", "test_engine",
-    "test_export", "test_compare", "test_pipeline", "test_serve", "test_store_admin",
-    "test_synthetic", "test_models", "test_speedups", "test_gpu_check", "test_query",
-    "test_cli",
+    "test_studies", "test_deployments", "test_predict", "test_engine", "test_remote",
+    "test_export", "test_gpu_check", "test_compare", "test_pipeline", "test_store_admin",
+    "test_serve", "test_models", "test_speedups", "test_synthetic", "test_query", "test_cli",
 )  # fmt: skip
 
 
