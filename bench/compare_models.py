@@ -361,7 +361,8 @@ def main() -> None:
     ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=TIERS)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--no-study", dest="study", action="store_false")
-    ap.add_argument("--budget", type=float, default=None, help="seconds; later runs skipped")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: the call ends at the first run to end after them")  # fmt: skip
     ap.add_argument("--report-only", action="store_true",
                     help="start no run; rewrite the table and curves from runs.jsonl")  # fmt: skip
     ap.add_argument("--data", type=Path, default=None, help="data cache [default: OUT/data]")
