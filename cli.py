@@ -760,7 +760,7 @@ def ablate(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out_dir: Annotated[Path, typer.Option("--out", help="Results directory.")] = Path("studies"),
     profile: Annotated[
-        str | None, typer.Option(help="Data and schedule: quick | full | tiny (the grid's).")
+        str | None, typer.Option(help="Data and schedule: quick | full | b32 | tiny (the grid's).")
     ] = None,
     values: Annotated[
         str | None, typer.Option(help="Swept values instead of the grid's, e.g. 1,3.")

@@ -39,3 +39,20 @@ def test_comparison_smoke_run_writes_table_curves_and_resumes(tmp_path):
     report = subprocess.run(more, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0 and "0 runs to do (16 done before)" in report.stdout
     assert "| lcm_aux | 2 |" in (tmp_path / "table.md").read_text()
+
+
+def test_the_b32_study_profile_trains_the_comparisons_lcm_arm_at_batch_32():
+    """`lcm ablate --profile b32`'s base point is the run `compare_models.py --batch 32` makes
+    for `lcm` (same model, loss and recipe), so the studies' figures at that profile sit on the
+    comparison's."""
+    from bench.compare_models import Job, job_params
+    from lcm.config import params_from_dict
+    from lcm.studies import grids
+
+    profile = grids.PROFILES["b32"]
+    assert (profile.tier, profile.n_train, profile.size, profile.epochs, profile.batch) == (
+        "interaction", 400, 128, 40, 32)  # fmt: skip
+    for seed in (0, 1):
+        study = params_from_dict(grids.point_params(grids.Point("depth", 3, seed), profile, "cpu"))
+        compare = job_params(Job("interaction", "lcm", "recipe", seed, 40, 32), 128, "cpu")
+        assert study == compare
