@@ -16,7 +16,7 @@ minutes a run on one CPU core); ``tiny`` is for tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lcm.errors import ConfigError
@@ -51,10 +51,11 @@ class Profile:
                 "batch": self.batch}  # fmt: skip
 
 
+_FULL = Profile("full", "interaction", 400, 500, 128, 40, 128, 5)
 PROFILES: dict[str, Profile] = {
-    "full": Profile("full", "interaction", 400, 500, 128, 40, 128, 5),
+    "full": _FULL,
     "quick": Profile("quick", "interaction", 400, 500, 96, 20, 64, 2),
-    "b32": Profile("b32", "interaction", 400, 500, 128, 40, 32, 2),
+    "b32": replace(_FULL, name="b32", batch=32, seeds=2),
     "tiny": Profile(
         "tiny", "interaction", 48, 32, 32, 1, 16, 2, {"dim": 32, "heads": 4, "ffn": 64}
     ),  # fmt: skip
